@@ -1,0 +1,948 @@
+"""The one training loop, evaluation, checkpoints and figures shared by every rung.
+
+A rung (modelNN.py) defines its model and its config and calls `main(...)`. A model is an
+nn.Module whose `forward(x, k)` returns a dict of [k, B] tensors for k importance samples per image:
+    log_px_z  log p(x | z)      (float32)
+    log_pz    log p(z)          (summed over all stochastic layers)
+    log_qz    log q(z | x)
+plus `reconstruct(x)` and `sample(n)` returning images in [0, 1] for the figures. From these the
+loop forms the importance log-weights log w = log p(x|z) + log p(z) - log q(z|x) and the
+objective:  iwae: L_k = E[log mean_k w]   vae: E[mean_k log w]  (k-sample ELBO).
+
+Run layout (`--out-dir`, default runs/<run name>):
+    config.json  log.jsonl (one JSON object per line, with a "type" field)  ckpt.pt (last state)
+    best.pt (best validation bound)  result.json  <figure prefix>_{imgs,recs,samples}.png
+"""
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+from distributions import bits_per_dim, log_mean_exp
+
+REPO_ROOT = Path(__file__).resolve().parent
+CHECKPOINT_FORMAT = 1
+
+
+class UserError(RuntimeError):
+    """Bad input (flags, paths, checkpoints): reported as one paragraph, no traceback."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM during training: a checkpoint was written before raising."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every rung. A rung subclasses it with its model's fields."""
+    # data
+    dataset: str = "binarized-mnist"
+    data_dir: str | None = None  # None: $VAE_DATA_DIR, then ./data
+    # objective
+    importance_samples: int = 5  # k, importance samples per image in training
+    objective: str = "iwae"  # iwae: L_k bound; vae: k-sample ELBO
+    kl_warmup_steps: int = 0  # weight of log p(z) - log q(z|x) ramps 0 -> 1 over these steps
+    # optimisation
+    epochs: int = 100
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 100  # global batch (split across torchrun processes)
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # end of the cosine schedule
+    lr_schedule: str = "cosine"  # cosine | iwae (Burda et al.: 8 stages of 3^i, lr 10^(-i/7)) | constant
+    warmup_steps: int = 0  # linear lr warm-up
+    adam_eps: float = 1e-4  # as in the IWAE paper
+    grad_clip: float = 100.0  # clip the global gradient norm to this
+    skip_threshold: float = 1e4  # skip updates whose gradient norm (before clipping) exceeds this
+    max_consecutive_skips: int = 200  # stop the run after this many skipped updates in a row
+    ema_decay: float = 0.0  # > 0: evaluate an exponential moving average of the weights
+    amp: bool = True  # bf16 autocast on CUDA (likelihood maths stays float32); ignored on CPU
+    compile: bool = False  # torch.compile the model's forward
+    # evaluation
+    eval_samples: int = 5000  # S, importance samples per test image for the final L_S
+    val_samples: int = 100  # importance samples per validation image during training
+    val_every: int = 0  # steps between validations; 0: once per epoch
+    n_test: int = 0  # test images used; 0: the whole test set
+    eval_chunk: int = 0  # latent samples (k*B) per forward pass in evaluation; 0: automatic
+    # run
+    seed: int = 0
+    out_dir: str | None = None  # None: runs/<run name>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 100  # steps between log lines (the only host syncs of the hot path)
+    checkpoint_every: int = 5000  # steps between checkpoints (and one at the end)
+    max_train_minutes: float = 0.0  # > 0: stop training after this wall time, then evaluate
+    quick: bool = False  # a real but tiny run (see quick_overrides)
+    publish: bool = False  # copy figures to assets/ and result.json to results/
+    resume: bool = False  # continue the run in out_dir from ckpt.pt
+    wandb: bool = False  # log to Weights & Biases (offline without an API key)
+    eval_only: bool = False  # evaluate --checkpoint and redraw its figures, no training
+    checkpoint: str | None = None  # checkpoint for --eval-only
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config keys for {cls.__name__}: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# Keys that may change between a checkpoint and the run that resumes or re-evaluates it.
+RUN_CONTROL_KEYS = {"data_dir", "out_dir", "device", "log_every", "checkpoint_every", "max_train_minutes",
+                    "publish", "resume", "wandb", "eval_only", "checkpoint", "eval_samples", "n_test",
+                    "eval_chunk", "compile", "epochs", "max_steps"}
+# Of those, the ones --eval-only takes from the command line (the rest come from the checkpoint).
+EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed"}
+
+
+def quick_overrides(cfg) -> dict:
+    """--quick: a real but tiny run, about a minute on 2 CPU cores."""
+    return dict(max_steps=500, n_test=1000, eval_samples=100, val_samples=10, val_every=250,
+                log_every=50, checkpoint_every=250)
+
+
+def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig):
+    """The flags every rung shares; defaults come from the rung's config dataclass."""
+    d = defaults
+    a = parser.add_argument
+    a("--dataset", default=d.dataset, choices=list(data_lib.DATASETS), help=f"data set (default {d.dataset})")
+    a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
+    a("--importance-samples", "-k", type=int, default=d.importance_samples,
+      help=f"importance samples k per image in training (default {d.importance_samples})")
+    a("--objective", default=d.objective, choices=["iwae", "vae"],
+      help="iwae: importance-weighted bound L_k; vae: k-sample ELBO")
+    a("--kl-warmup-steps", type=int, default=d.kl_warmup_steps, help="steps over which the KL weight ramps to 1")
+    a("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    a("--max-steps", type=int, default=d.max_steps, help="training steps; overrides --epochs when > 0")
+    a("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default {d.batch_size})")
+    a("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    a("--min-lr", type=float, default=d.min_lr, help="final learning rate of the cosine schedule")
+    a("--lr-schedule", default=d.lr_schedule, choices=["cosine", "iwae", "constant"],
+      help="cosine decay to --min-lr; iwae: Burda et al.'s 8 stages (3^i) with lr*10^(-i/7); constant")
+    a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up steps")
+    a("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this")
+    a("--skip-threshold", type=float, default=d.skip_threshold,
+      help="skip (and count) updates whose gradient norm exceeds this")
+    a("--max-consecutive-skips", type=int, default=d.max_consecutive_skips,
+      help="stop after this many skipped updates in a row")
+    a("--ema-decay", type=float, default=d.ema_decay, help="EMA of weights for evaluation (0: off)")
+    a("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--eval-samples", type=int, default=d.eval_samples,
+      help=f"importance samples per test image for the final bound (default {d.eval_samples})")
+    a("--val-samples", type=int, default=d.val_samples, help="importance samples per validation image")
+    a("--val-every", type=int, default=d.val_every, help="steps between validations (0: every epoch)")
+    a("--n-test", type=int, default=d.n_test, help="test images to evaluate (0: all)")
+    a("--eval-chunk", type=int, default=d.eval_chunk, help="latent samples per evaluation pass (0: auto)")
+    a("--seed", type=int, default=d.seed, help="random seed")
+    a("--out-dir", default=None, help="run directory (default runs/<name built from the config>)")
+    a("--device", default=d.device, help="auto (CUDA if present), cpu, cuda or cuda:N")
+    a("--log-every", type=int, default=d.log_every, help="steps between log lines")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    a("--max-train-minutes", type=float, default=d.max_train_minutes,
+      help="stop training after this many minutes, then evaluate (0: no limit)")
+    a("--quick", action="store_true", help="a real but tiny run (500 steps, 1000 test images, 100 eval samples)")
+    a("--publish", action="store_true", help="copy figures to assets/ and result.json to results/")
+    a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    a("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
+    a("--eval-only", action="store_true", help="evaluate --checkpoint and redraw its figures; no training")
+    a("--checkpoint", default=None, help="checkpoint file for --eval-only")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Config keys given on the command line (so --eval-only can take the rest from the checkpoint)."""
+    given = set()
+    for token in argv:
+        opt = token.split("=", 1)[0]
+        action = parser._option_string_actions.get(opt)
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
+def validate_config(cfg: TrainConfig):
+    checks = [
+        (cfg.importance_samples >= 1, f"--importance-samples must be >= 1, got {cfg.importance_samples}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
+        (cfg.val_samples >= 1, f"--val-samples must be >= 1, got {cfg.val_samples}"),
+        (cfg.epochs >= 1 or cfg.max_steps >= 1, "--epochs or --max-steps must be >= 1"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.n_test >= 0, f"--n-test must be >= 0, got {cfg.n_test}"),
+        (0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
+        (not (cfg.eval_only and not cfg.checkpoint), "--eval-only needs --checkpoint PATH"),
+        (not (cfg.eval_only and cfg.resume), "--eval-only and --resume exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# ----------------------------------------------------------------------------- schedule & objective
+
+
+def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate at `step` (pure function of the step and the config)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "iwae":
+        # Burda et al.: stage i = 0..7 lasts 3^i epochs at lr * 10^(-i/7); here stretched to the run.
+        stage_ends = np.cumsum([3 ** i for i in range(8)]) / sum(3 ** i for i in range(8))
+        stage = int(np.searchsorted(stage_ends, progress, side="right"))
+        return cfg.lr * 10 ** (-min(stage, 7) / 7)
+    raise UserError(f"unknown lr schedule {cfg.lr_schedule!r}")
+
+
+def get_kl_weight(step: int, cfg: TrainConfig) -> float:
+    return 1.0 if cfg.kl_warmup_steps <= 0 else min(1.0, (step + 1) / cfg.kl_warmup_steps)
+
+
+def log_weights(out: dict, kl_weight: float = 1.0) -> torch.Tensor:
+    """[k, B] importance log-weights; kl_weight < 1 only during KL warm-up."""
+    return out["log_px_z"] + kl_weight * (out["log_pz"] - out["log_qz"])
+
+
+def bound_per_image(log_w: torch.Tensor, objective: str) -> torch.Tensor:
+    """[k, B] -> [B]: L_k = log mean_k w (iwae) or the k-sample ELBO mean_k log w (vae)."""
+    return log_mean_exp(log_w, dim=0) if objective == "iwae" else log_w.mean(0)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init_distributed(device_flag: str) -> DistInfo:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python modelNN.py` runs one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_flag != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def resolve_device(flag: str, dist_info: DistInfo) -> torch.device:
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag} was requested but no CUDA GPU is visible to PyTorch "
+                            f"(torch {torch.__version__}). Use --device cpu or --device auto.")
+        if dist_info.enabled:
+            return torch.device("cuda", dist_info.local_rank)
+    elif flag != "cpu":
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    return torch.device(flag)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path: Path, payload: bytes):
+    """Write to a temp file in the same directory, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: Path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_copy(src: Path, dst: Path):
+    atomic_write_bytes(dst, Path(src).read_bytes())
+
+
+def load_checkpoint(path: Path, model_name: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it may be truncated "
+                        f"or not a checkpoint of this repo.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a vae-mdl checkpoint (format {CHECKPOINT_FORMAT}).")
+    if ckpt.get("model_name") != model_name:
+        raise UserError(f"checkpoint {path} was written by {ckpt.get('model_name')}.py, not {model_name}.py; "
+                        f"run it with {ckpt.get('model_name')}.py.")
+    return ckpt
+
+
+def config_differences(saved: dict, current: dict, ignore: set[str]) -> list[str]:
+    keys = sorted((set(saved) | set(current)) - ignore)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+class JsonlLog:
+    """Append-only JSONL log (every record has a "type"), mirrored to wandb when enabled."""
+
+    def __init__(self, path: Path | None, wandb_run=None):
+        self.path, self.wandb_run = path, wandb_run
+
+    def write(self, record_type: str, **values):
+        record = {"type": record_type, "time": round(time.time(), 3), **values}
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({f"{record_type}/{k}": v for k, v in values.items()
+                                    if isinstance(v, (int, float))}, step=values.get("step"))
+            except Exception as e:  # a logging backend must never stop training
+                print(f"warning: wandb logging failed ({e}); continuing without wandb", file=sys.stderr)
+                self.wandb_run = None
+
+
+def init_wandb(cfg, run_name: str, out_dir: Path):
+    """wandb only when asked; never prompts; offline without an API key; any failure -> disabled."""
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed; continuing without it", file=sys.stderr)
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    try:
+        return wandb.init(project="vae-mdl", name=run_name, config=asdict(cfg), dir=str(out_dir), mode=mode,
+                          resume="allow", settings=wandb.Settings(silent=True, init_timeout=60))
+    except Exception as e:
+        print(f"warning: wandb could not start ({type(e).__name__}: {e}); continuing without wandb",
+              file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _eval_chunk_size(cfg, device) -> int:
+    if cfg.eval_chunk > 0:
+        return cfg.eval_chunk
+    return 1 << 18 if device.type == "cuda" else 1 << 14
+
+
+@torch.no_grad()
+def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, chunk: int,
+                   progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Per-image L_S = log mean_{s<=S} w_s for every image of `split` -> float64 [N] on the CPU.
+
+    Images go through in batches and the S samples in chunks, each chunk folded into one forward
+    pass of about `chunk` latents; a running log-sum-exp combines chunks, so S never has to fit at
+    once. Seeded and RNG-neutral: the caller's random state is unchanged afterwards. On CUDA
+    out-of-memory the chunk is halved and the batch retried.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    n = len(split)
+    results = torch.empty(n, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        bar = tqdm(total=n, desc=desc, disable=not progress, leave=False, mininterval=1.0)
+        start = 0
+        while start < n:
+            images_per_pass = max(1, min(n - start, chunk // num_samples))
+            samples_per_pass = max(1, min(num_samples, chunk // images_per_pass))
+            x = split.to_float(split.images[start:start + images_per_pass])
+            try:
+                log_sum = torch.full((x.shape[0],), -math.inf, device=device)
+                done = 0
+                while done < num_samples:
+                    s = min(samples_per_pass, num_samples - done)
+                    log_w = log_weights(model(x, s)).float()  # [s, B]
+                    log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
+                    done += s
+            except torch.cuda.OutOfMemoryError:
+                if chunk <= 1:
+                    raise
+                chunk //= 2
+                torch.cuda.empty_cache()
+                continue
+            results[start:start + x.shape[0]] = (log_sum - math.log(num_samples)).double().cpu()
+            start += x.shape[0]
+            bar.update(x.shape[0])
+        bar.close()
+    model.train(was_training)
+    return results
+
+
+def gather_per_image(values: torch.Tensor, dist_info: DistInfo, device) -> torch.Tensor:
+    """Concatenate per-image results of all ranks (ranks may hold different counts)."""
+    if not dist_info.enabled:
+        return values
+    count = torch.tensor([values.numel()], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist_info.world_size)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros(longest, dtype=torch.float64, device=device)
+    padded[:values.numel()] = values.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(dist_info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)]).cpu()
+
+
+def shard(split: data_lib.Split, dist_info: DistInfo) -> data_lib.Split:
+    if not dist_info.enabled:
+        return split
+    return data_lib.Split(split.images[dist_info.rank::dist_info.world_size], split.binary,
+                          split.dynamic_binarize)
+
+
+def summarize(ll: torch.Tensor, num_dims: int, binary: bool) -> dict:
+    mean = ll.mean().item()
+    stderr = (ll.std(unbiased=True) / math.sqrt(ll.numel())).item() if ll.numel() > 1 else float("nan")
+    return {"ll_nats": mean, "ll_stderr": stderr, "bpd": None if binary else bits_per_dim(mean, num_dims)}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@torch.no_grad()
+def save_figures(model, test: data_lib.Split, out_dir: Path, prefix: str, seed: int) -> list[Path]:
+    """8x8 grids: test images, reconstructions and prior samples, as the model defines them."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    device = test.images.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        x = test.to_float(test.images[:64])
+        grids = {"imgs": x, "recs": model.reconstruct(x), "samples": model.sample(64)}
+    model.train(was_training)
+    paths = []
+    for kind, images in grids.items():
+        grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=1.0)
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [H, W, C]
+        if array.shape[2] == 1:
+            array = array[:, :, 0]
+        path = out_dir / f"{prefix}_{kind}.png"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Rung:
+    """What a modelNN.py script hands to `main`."""
+    name: str  # "model01"
+    config_class: type
+    build_model: callable  # (cfg, DatasetInfo) -> nn.Module
+    likelihood: callable  # (cfg, DatasetInfo) -> str, recorded in result.json
+    figure_prefix: callable = None  # (cfg) -> str, default: the model name
+    run_suffix: callable = None  # (cfg) -> str appended to the run name
+    latent_layers: callable = None  # (cfg) -> int
+    quick: callable = quick_overrides  # (cfg) -> dict of overrides for --quick
+
+
+def run_name(rung: Rung, cfg) -> str:
+    name = f"{rung.name}_{cfg.dataset}_{cfg.objective}_k{cfg.importance_samples}"
+    if rung.run_suffix is not None:
+        name += rung.run_suffix(cfg)
+    name += f"_seed{cfg.seed}"
+    return name + ("_quick" if cfg.quick else "")
+
+
+def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse flags, then train + evaluate (or --eval-only). Returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
+    # Distribution argument checks cost a host sync each and would turn a NaN into an exception;
+    # inputs come from data.py, and non-finite values must reach the skip logic of the loop instead.
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        cfg = rung.config_class.from_dict(vars(args))
+        if cfg.quick:
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in rung.quick(cfg).items()
+                                              if k not in explicit_flags(parser, argv)})
+        validate_config(cfg)
+        if cfg.eval_only:
+            return evaluate_checkpoint(rung, cfg, explicit_flags(parser, argv), argv)
+        return train(rung, cfg, argv)
+    except (UserError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+
+
+def _prepare_out_dir(path: Path, is_main: bool):
+    if not is_main:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out-dir {path} is not writable ({e.strerror}); choose another with --out-dir.") from None
+
+
+def _result_record(rung, cfg, name, info, summary, n_test, extra, device, wall_time_s, argv, commit) -> dict:
+    return {
+        "model": rung.name,
+        "run_name": name,
+        "dataset": cfg.dataset,
+        "likelihood": rung.likelihood(cfg, info),
+        "latent_layers": rung.latent_layers(cfg) if rung.latent_layers else 1,
+        "importance_samples": cfg.importance_samples,
+        "objective": cfg.objective,
+        "eval_samples": cfg.eval_samples,
+        "n_test": n_test,
+        "test_ll_nats": summary["ll_nats"],
+        "test_ll_stderr": summary["ll_stderr"],
+        "test_bpd": summary["bpd"],
+        **extra,
+        "wall_time_s": round(wall_time_s, 1),
+        "device": device_name(device),
+        "device_type": device.type,
+        "command": " ".join(["python", f"{rung.name}.py", *argv]),
+        "git_commit": commit,
+        "seed": cfg.seed,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "quick": cfg.quick,
+        "config": asdict(cfg),
+    }
+
+
+def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], name: str):
+    assets, results = REPO_ROOT / "assets", REPO_ROOT / "results"
+    assets.mkdir(exist_ok=True)
+    results.mkdir(exist_ok=True)
+    for fig in figures:  # model01_imgs.png -> assets/model01_binarized-mnist_imgs.png
+        prefix, kind = fig.stem.rsplit("_", 1)
+        atomic_copy(fig, assets / f"{prefix}_{cfg.dataset}_{kind}.png")
+    published = results / f"{name}.json"
+    atomic_copy(result_path, published)
+    print(f"published {published.relative_to(REPO_ROOT)} and {len(figures)} figures in assets/")
+
+
+def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv, extra, t_start, commit):
+    """Test-set L_S (the only use of the test set), figures, result.json, optional publish."""
+    test = data.test if cfg.n_test == 0 else data.test.subset(cfg.n_test)
+    t_eval = time.time()
+    ll = evaluate_bound(model, shard(test, dist_info), cfg.eval_samples, seed=cfg.seed + 1,
+                        chunk=_eval_chunk_size(cfg, device), progress=dist_info.is_main, desc="test L_S")
+    ll = gather_per_image(ll, dist_info, device)
+    eval_time = time.time() - t_eval
+    if not dist_info.is_main:
+        return None
+    summary = summarize(ll, data.info.num_dims, data.info.binary)
+    prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
+    figures = save_figures(model, test, out_dir, prefix, seed=cfg.seed)
+    result = _result_record(rung, cfg, name, data.info, summary, len(test),
+                            {**extra, "eval_time_s": round(eval_time, 1)}, device, time.time() - t_start, argv,
+                            commit)
+    result_path = out_dir / "result.json"
+    atomic_write_json(result_path, result)
+    bpd = f", {summary['bpd']:.4f} bits/dim" if summary["bpd"] is not None else ""
+    print(f"test L_{cfg.eval_samples} on {len(test)} images: {summary['ll_nats']:.2f} "
+          f"± {summary['ll_stderr']:.2f} nats{bpd}  ({out_dir / 'result.json'})")
+    if cfg.publish:
+        _publish(rung, cfg, out_dir, result_path, figures, name)
+    return result
+
+
+def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
+    """--eval-only: rebuild the model from the checkpoint's own config, evaluate, redraw figures."""
+    t_start = time.time()
+    ckpt = load_checkpoint(Path(cfg.checkpoint), rung.name)
+    saved = ckpt["config"]
+    try:
+        base = rung.config_class.from_dict(saved)
+    except (UserError, TypeError) as e:
+        raise UserError(f"checkpoint {cfg.checkpoint} has a config this {rung.name}.py cannot read: {e}") from None
+    overrides = {k: getattr(cfg, k) for k in EVAL_OVERRIDE_KEYS if k in given}
+    cfg = dataclasses.replace(base, eval_only=True, checkpoint=cfg.checkpoint, resume=False, wandb=False,
+                              publish=cfg.publish, **overrides)
+    dist_info = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist_info)
+    out_dir = Path(cfg.out_dir) if "out_dir" in given else Path(cfg.checkpoint).resolve().parent
+    _prepare_out_dir(out_dir, dist_info.is_main)
+    data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
+    model = rung.build_model(cfg, data.info).to(device)
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {cfg.checkpoint} does not fit {rung.name}'s model built from its own "
+                        f"config: {str(e).splitlines()[0]}") from None
+    name = ckpt.get("run_name", run_name(rung, cfg))
+    extra = {k: ckpt.get(k) for k in ("steps", "epochs", "n_skipped", "best_val_bound_nats", "best_step",
+                                      "train_time_s")}
+    extra["steps"] = ckpt.get("step")
+    _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv,
+                      {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
+                      t_start, git_commit())
+    return 0
+
+
+def _inject_nan_steps() -> tuple[int, int]:
+    """Fault injection for tests: VAE_INJECT_NAN="S" makes step S's loss NaN, "S:" every step from S."""
+    spec = os.environ.get("VAE_INJECT_NAN", "")
+    if not spec:
+        return -1, -1
+    if spec.endswith(":"):
+        return int(spec[:-1]), 1 << 62
+    return int(spec), int(spec)
+
+
+def train(rung: Rung, cfg, argv) -> int:
+    t_start = time.time()
+    dist_info = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist_info)
+    name = run_name(rung, cfg)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_ROOT / "runs" / name
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
+    _prepare_out_dir(out_dir, dist_info.is_main)
+    ckpt_path, best_path, result_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "result.json"
+
+    # Resume rules: an unfinished run in out_dir continues (with or without --resume); a finished one
+    # is never overwritten; --resume with nothing to resume is an error.
+    resume_state = None
+    if ckpt_path.exists():
+        if result_path.exists() and not cfg.resume:
+            raise UserError(f"out-dir {out_dir} holds a finished run (result.json). Use --eval-only --checkpoint "
+                            f"{best_path} to re-evaluate it, or choose a new --out-dir.")
+        resume_state = load_checkpoint(ckpt_path, rung.name)
+        diffs = config_differences(resume_state["config"], asdict(cfg), RUN_CONTROL_KEYS)
+        if diffs:
+            raise UserError(f"checkpoint {ckpt_path} comes from a different config ({'; '.join(diffs)}). "
+                            f"Use the same flags to resume, or a new --out-dir.")
+    elif cfg.resume:
+        raise UserError(f"--resume: nothing to resume, {ckpt_path} does not exist.")
+
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
+    model = rung.build_model(cfg, data.info).to(device)
+    if device.type == "cuda" and getattr(model, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Fused Adam applies an update only when `found_inf` is 0: the skip decision stays on the device.
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
+    batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
+                               world_size=dist_info.world_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * batcher.steps_per_epoch
+    val_every = cfg.val_every if cfg.val_every > 0 else batcher.steps_per_epoch
+
+    step, n_skipped, best_val, best_step, train_time_prev = 0, 0, -math.inf, -1, 0.0
+    commit = git_commit()  # the code that trains these weights; a resumed run keeps its first commit
+    if resume_state is not None:
+        commit = resume_state.get("git_commit", commit)
+        model.load_state_dict(resume_state["model"])
+        if ema_model is not None:
+            ema_model.load_state_dict(resume_state["ema"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        batcher.load_state_dict(resume_state["batcher"])
+        set_rng_state(resume_state["rng"])
+        step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+        best_val, best_step = resume_state["best_val_bound_nats"], resume_state["best_step"]
+        train_time_prev = resume_state["train_time_s"]
+        if dist_info.is_main:
+            print(f"resuming {out_dir} at step {step}/{total_steps}")
+    elif dist_info.is_main:
+        atomic_write_json(out_dir / "config.json", {"model": rung.name, "run_name": name, **asdict(cfg)})
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = ema_model if ema_model is not None else model
+
+    wandb_run = init_wandb(cfg, name, out_dir) if cfg.wandb and dist_info.is_main else None
+    log = JsonlLog(out_dir / "log.jsonl" if dist_info.is_main else None, wandb_run)
+    if dist_info.is_main and resume_state is None:
+        log.write("config", step=0, model=rung.name, run_name=name, device=device_name(device),
+                  command=" ".join(["python", f"{rung.name}.py", *argv]), git_commit=commit, config=asdict(cfg))
+
+    def checkpoint_state():
+        return {"format": CHECKPOINT_FORMAT, "model_name": rung.name, "run_name": name, "config": asdict(cfg),
+                "git_commit": commit,
+                "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model is not None else None,
+                "optimizer": optimizer.state_dict(), "batcher": batcher.state_dict(), "rng": rng_state(),
+                "step": step, "epochs": step / batcher.steps_per_epoch,
+                "n_skipped": n_skipped + int(skipped_dev.item()),
+                "best_val_bound_nats": best_val, "best_step": best_step,
+                "train_time_s": train_time_prev + (time.time() - t_train)}
+
+    def save_checkpoint():
+        if dist_info.is_main:
+            atomic_torch_save(checkpoint_state(), ckpt_path)
+
+    # Stop signals: finish the current step, checkpoint, exit non-zero (see Interrupted).
+    stop_signal = []
+    previous_handlers = {}
+
+    def on_signal(signum, frame):
+        stop_signal.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous_handlers[sig] = signal.signal(sig, on_signal)
+
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, disable=not dist_info.is_main, mininterval=2.0,
+               dynamic_ncols=True, desc=name)
+    postfix = {}
+    nan_from, nan_to = _inject_nan_steps()
+    k = cfg.importance_samples
+    amp = cfg.amp and device.type == "cuda"
+    zero = torch.zeros((), device=device)
+    loss_sum, taken_sum, skipped_dev, consecutive_dev = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    grad_norm_max = zero.clone()
+    last_finite = {}
+    t_train, t_log, step_log = time.time(), time.time(), step
+    stop_reason = None
+    check_every = min(cfg.log_every, cfg.max_consecutive_skips)  # consecutive skips are read this often
+    try:
+        while step < total_steps:
+            lr = get_lr(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = batcher.next()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = train_model(x, k)
+            bound = bound_per_image(log_weights(out, get_kl_weight(step, cfg)), cfg.objective)
+            loss = -bound.mean()
+            if nan_from <= step <= nan_to:
+                loss = loss * float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            skip = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > cfg.skip_threshold)
+            skip_f = skip.float()
+            optimizer.grad_scale, optimizer.found_inf = None, skip_f  # the GradScaler protocol of fused Adam
+            optimizer.step()
+            del optimizer.grad_scale, optimizer.found_inf
+            if ema_model is not None:  # EMA moves only on taken steps
+                weight = (1.0 - cfg.ema_decay) * (1.0 - skip_f)
+                for p_ema, p in zip(ema_model.parameters(), model.parameters()):
+                    p_ema.lerp_(p.detach(), weight)
+            taken = 1.0 - skip_f
+            loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) * taken
+            taken_sum += taken
+            skipped_dev += skip_f
+            consecutive_dev = (consecutive_dev + 1.0) * skip_f
+            grad_norm_max = torch.maximum(grad_norm_max, torch.nan_to_num(grad_norm.detach(), nan=0.0) * taken)
+            step += 1
+            bar.update(1)
+
+            if step % check_every == 0 or step == total_steps:  # host syncs only here
+                consecutive = int(consecutive_dev.item())
+                if step % cfg.log_every == 0 or step == total_steps:
+                    n_taken = taken_sum.item()
+                    n_skipped += int(skipped_dev.item())
+                    now = time.time()
+                    record = {"step": step, "epoch": round(step / batcher.steps_per_epoch, 3),
+                              "loss": loss_sum.item() / n_taken if n_taken else None, "lr": lr,
+                              "grad_norm_max": grad_norm_max.item(), "skipped_total": n_skipped,
+                              "images_per_s": round((step - step_log) * cfg.batch_size / (now - t_log), 1)}
+                    if n_taken:
+                        last_finite = record
+                    if dist_info.is_main:
+                        log.write("train", **record)
+                        postfix.update(loss=f"{record['loss']:.2f}" if n_taken else "nan", skipped=n_skipped)
+                        bar.set_postfix(postfix, refresh=False)
+                    loss_sum.zero_(), taken_sum.zero_(), skipped_dev.zero_(), grad_norm_max.zero_()
+                    t_log, step_log = now, step
+                if consecutive >= cfg.max_consecutive_skips:
+                    n_skipped += int(skipped_dev.item())
+                    skipped_dev.zero_()
+                    stop_reason = "skips"
+                    break
+
+            if step % val_every == 0 or step == total_steps:
+                val = shard(data.val, dist_info)
+                val_ll = gather_per_image(
+                    evaluate_bound(eval_model, val, cfg.val_samples, seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
+                    dist_info, device)
+                val_bound = val_ll.mean().item()
+                if dist_info.is_main:
+                    log.write("val", step=step, val_bound_nats=val_bound, val_samples=cfg.val_samples)
+                    postfix.update(val=f"{val_bound:.2f}")
+                    bar.set_postfix(postfix, refresh=False)
+                if val_bound > best_val:
+                    best_val, best_step = val_bound, step
+                    if dist_info.is_main:
+                        atomic_torch_save({**checkpoint_state(), "optimizer": None}, best_path)
+
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                save_checkpoint()
+            if stop_signal:
+                save_checkpoint()
+                stop_reason = "signal"
+                break
+            if cfg.max_train_minutes > 0 and step % cfg.log_every == 0 \
+                    and train_time_prev + time.time() - t_train > 60 * cfg.max_train_minutes:
+                stop_reason = "time"
+                if step % val_every != 0:  # select on a fresh validation bound at the stopping point
+                    val_ll = gather_per_image(evaluate_bound(eval_model, shard(data.val, dist_info), cfg.val_samples,
+                                                             seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
+                                              dist_info, device)
+                    if val_ll.mean().item() > best_val:
+                        best_val, best_step = val_ll.mean().item(), step
+                        if dist_info.is_main:
+                            atomic_torch_save({**checkpoint_state(), "optimizer": None}, best_path)
+                save_checkpoint()
+                break
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    train_time = train_time_prev + (time.time() - t_train)
+    if stop_reason == "signal":
+        name_of = signal.Signals(stop_signal[0]).name
+        raise Interrupted(f"{name_of} received: stopped after step {step}, checkpoint written to {ckpt_path}. "
+                          f"Run the same command again (or add --resume) to continue.", stop_signal[0])
+    if stop_reason == "skips":
+        first_bad = step - cfg.max_consecutive_skips + 1
+        message = (f"error: {cfg.max_consecutive_skips} consecutive updates were skipped (non-finite or huge loss or "
+                   f"gradient) from about step {first_bad} to step {step}; stopping. Last finite metrics: "
+                   f"{json.dumps(last_finite)}. The last good checkpoint {ckpt_path} (and {best_path}) is kept; "
+                   f"lower --lr or raise --grad-clip and resume.")
+        if dist_info.is_main:
+            log.write("stop", step=step, reason="consecutive_skips", skipped_total=n_skipped)
+            print(message, file=sys.stderr)
+        return 3
+    if dist_info.is_main:
+        log.write("done", step=step, train_time_s=round(train_time, 1), skipped_total=n_skipped,
+                  best_val_bound_nats=best_val, best_step=best_step, stop_reason=stop_reason or "completed")
+
+    # The test set is used once, on the checkpoint with the best validation bound.
+    best = load_checkpoint(best_path, rung.name)
+    eval_model.load_state_dict(best["ema"] if best.get("ema") is not None else best["model"])
+    extra = {"steps": step, "epochs": round(step / batcher.steps_per_epoch, 2), "best_step": best_step,
+             "best_val_bound_nats": best_val, "val_samples": cfg.val_samples, "n_val": len(data.val),
+             "n_skipped": n_skipped, "train_time_s": round(train_time, 1),
+             "stopped_by_time_limit": stop_reason == "time", "world_size": dist_info.world_size}
+    result = _final_evaluation(rung, cfg, eval_model, data, dist_info, device, out_dir, name, argv, extra, t_start,
+                               commit)
+    if dist_info.is_main and result is not None:
+        log.write("test", step=step, test_ll_nats=result["test_ll_nats"], test_ll_stderr=result["test_ll_stderr"],
+                  test_bpd=result["test_bpd"], eval_samples=cfg.eval_samples, n_test=result["n_test"])
+    if wandb_run is not None:
+        try:
+            wandb_run.finish()
+        except Exception:
+            pass
+    if dist_info.enabled:
+        dist.destroy_process_group()
+    return 0
