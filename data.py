@@ -24,8 +24,10 @@ Data root: `--data-dir`, else $VAE_DATA_DIR, else ./data, laid out as torchvisio
     <root>/BinarizedMNIST/binarized_mnist_{train,valid,test}.amat[.gz]
     <root>/cifar-10-batches-py/  (or cifar-10-python.tar.gz)
     <root>/SVHN/{train_32x32,test_32x32}.mat
-Files are read in place (a read-only copy works); missing files are downloaded through
-torchvision where a network exists, else a DataError names the files and the directory.
+Files are read in place (a read-only copy works) and checked against the originals' md5 sums;
+missing files are downloaded through torchvision where a network exists, else a DataError names
+the files and the directory. VAE_DATA_VERIFY=0 skips the md5 checks, for the synthetic CIFAR-10 /
+SVHN files the tests write (no colour data set exists on the development machines).
 """
 import gzip
 import hashlib
@@ -212,34 +214,67 @@ def _load_static_binarized(root: Path) -> dict[str, np.ndarray]:
     return out
 
 
-# ----------------------------------------------------------------------------- colour sets (torchvision)
+# ----------------------------------------------------------------------------- colour sets
 
 
-def _load_torchvision_colour(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _verify_checksums() -> bool:
+    """VAE_DATA_VERIFY=0 skips md5 checks: only for the synthetic colour files the tests write."""
+    return os.environ.get("VAE_DATA_VERIFY", "1") != "0"
+
+
+def _check_md5(path: Path, expected: str):
+    if _verify_checksums() and _md5(path.read_bytes()) != expected:
+        raise DataError(f"corrupted data file {path}: md5 does not match the original ({expected}). "
+                        f"Replace it with the original (or delete it to re-download).")
+
+
+def _load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    import pickle
+
     import torchvision
 
-    def build(download: bool):
-        if name == "cifar10":
-            tr = torchvision.datasets.CIFAR10(str(root), train=True, download=download)
-            te = torchvision.datasets.CIFAR10(str(root), train=False, download=download)
-            # CIFAR10 stores [N, 32, 32, 3] -> [N, 3, 32, 32]
-            return tr.data.transpose(0, 3, 1, 2), te.data.transpose(0, 3, 1, 2)
-        tr = torchvision.datasets.SVHN(str(root / "SVHN"), split="train", download=download)
-        te = torchvision.datasets.SVHN(str(root / "SVHN"), split="test", download=download)
-        return tr.data, te.data  # already [N, 3, 32, 32]
+    cls = torchvision.datasets.CIFAR10
+    folder = root / cls.base_folder  # cifar-10-batches-py
+    names = [n for n, _ in cls.train_list + cls.test_list]
+    if not all((folder / n).exists() for n in names):
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as e:
+            raise _missing(folder, names, "Copy the CIFAR-10 python version there "
+                           "(or cifar-10-python.tar.gz into its parent).", e) from None
 
-    try:
-        return build(download=False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
-        pass
-    try:
-        return build(download=True)
-    except Exception as e:
-        if name == "cifar10":
-            raise _missing(root, ["cifar-10-batches-py/ (data_batch_1..5, test_batch) or cifar-10-python.tar.gz"],
-                           "Copy the CIFAR-10 python version there.", e) from None
-        raise _missing(root / "SVHN", ["train_32x32.mat", "test_32x32.mat"],
-                       "Copy the SVHN cropped-digits files there.", e) from None
+    def read(entries):
+        parts = []
+        for name, md5 in entries:
+            _check_md5(folder / name, md5)
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            parts.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows: R, G, B planes
+        return np.concatenate(parts)
+
+    return read(cls.train_list), read(cls.test_list)
+
+
+def _load_svhn(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+    from scipy.io import loadmat
+
+    folder = root / "SVHN"
+    splits = torchvision.datasets.SVHN.split_list  # {"train": [url, filename, md5], ...}
+    names = [splits[s][1] for s in ("train", "test")]
+    if not all((folder / n).exists() for n in names):
+        try:
+            for s in ("train", "test"):
+                torchvision.datasets.SVHN(str(folder), split=s, download=True)
+        except Exception as e:
+            raise _missing(folder, names, "Copy the SVHN cropped-digits files there.", e) from None
+
+    def read(split):
+        path = folder / splits[split][1]
+        _check_md5(path, splits[split][2])
+        return np.ascontiguousarray(loadmat(str(path))["X"].transpose(3, 2, 0, 1))  # [H, W, C, N] -> [N, C, H, W]
+
+    return read("train"), read("test")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -270,8 +305,10 @@ def load_data(name: str, data_dir: str | Path | None = None, device="cpu", val_s
             train, test = _load_idx_dataset(root, "MNIST")
         elif name == "fashion-mnist":
             train, test = _load_idx_dataset(root, "FashionMNIST")
+        elif name == "cifar10":
+            train, test = _load_cifar10(root)
         else:
-            train, test = _load_torchvision_colour(root, name)
+            train, test = _load_svhn(root)
         train, val = _carve_validation(train, val_size)
         if name == "binarized-mnist":
             val = _binarize_once(val, BINARIZE_SEED)
