@@ -124,11 +124,12 @@ def quick_overrides(cfg) -> dict:
                 log_every=50, checkpoint_every=250)
 
 
-def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig):
-    """The flags every rung shares; defaults come from the rung's config dataclass."""
+def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, datasets: list[str] | None = None):
+    """The flags every rung shares; defaults come from the rung's config dataclass. `datasets`
+    restricts --dataset to the sets the rung can model (default: all of data.DATASETS)."""
     d = defaults
     a = parser.add_argument
-    a("--dataset", default=d.dataset, choices=list(data_lib.DATASETS), help=f"data set (default {d.dataset})")
+    a("--dataset", default=d.dataset, choices=list(datasets or data_lib.DATASETS), help=f"data set (default {d.dataset})")
     a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     a("--importance-samples", "-k", type=int, default=d.importance_samples,
       help=f"importance samples k per image in training (default {d.importance_samples})")
