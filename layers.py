@@ -57,3 +57,67 @@ class GaussianHead(nn.Module):
 
     def forward(self, h):
         return self.mean(h), self.log_scale(h)
+
+
+# ----------------------------------------------------------------------------- convolutional blocks (model02+)
+#
+# Encoder and decoder for 8-bit images, built outside the VAE and passed in, so every rung on
+# 28x28x1 (MNIST, Fashion-MNIST) and 32x32x3 (CIFAR-10, SVHN) shares them. Both work at three
+# resolutions, H, H/2 and H/4 (28 -> 14 -> 7, 32 -> 16 -> 8): the image side must be divisible by 4.
+# Channels: `width` at full resolution, 2 * width at H/2, 4 * width at H/4.
+
+
+def _check_image_shape(image_shape) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4:
+        raise ValueError(f"conv blocks need an image shape (C, H, W) with H and W divisible by 4, got {image_shape}")
+    return tuple(image_shape)
+
+
+class ConvEncoder(nn.Module):
+    """Images [B, C, H, W] in [0, 1] -> features [B, features] (q(z|x)'s head, e.g. GaussianHead, sits on top).
+
+    3x3 conv at full resolution, two 4x4 stride-2 convs (H -> H/2 -> H/4), then a linear layer.
+    """
+
+    def __init__(self, image_shape, width: int = 64, features: int = 512, activation=nn.SiLU):
+        super().__init__()
+        c, h, w = _check_image_shape(image_shape)
+        self.features = features
+        self.net = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), activation(),  # [B, w, H, W]
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), activation(),  # [B, 2w, H/2, W/2]
+            nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1), activation(),  # [B, 4w, H/4, W/4]
+            nn.Flatten(),  # [B, 4w * H/4 * W/4]
+            nn.Linear(4 * width * (h // 4) * (w // 4), features), activation(),
+        )
+
+    def forward(self, x):
+        return self.net(x * 2.0 - 1.0)  # centre the pixels on 0
+
+
+class ConvDecoder(nn.Module):
+    """Latents [N, latent_dim] -> per-pixel parameters [N, out_channels, H, W] (e.g. 2C: a location
+    and a log-scale per sub-pixel; the rung decides what they mean).
+
+    Linear to a [4w, H/4, W/4] map, two stages of nearest-neighbour 2x upsampling + 3x3 conv
+    (H/4 -> H/2 -> H; upsample-then-conv avoids the checkerboard pattern of transposed convs), and a
+    final stride-1 3x3 conv into the pixels. The last layer is deliberately not a stride-2 transposed
+    conv: that would make each 2x2 pixel block a linear map of one feature vector.
+    """
+
+    def __init__(self, latent_dim: int, image_shape, out_channels: int, width: int = 64, activation=nn.SiLU):
+        super().__init__()
+        _, h, w = _check_image_shape(image_shape)
+        self.latent_dim = latent_dim
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 4 * width * (h // 4) * (w // 4)), activation(),
+            nn.Unflatten(1, (4 * width, h // 4, w // 4)),  # [N, 4w * H/4 * W/4] -> [N, 4w, H/4, W/4]
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(4 * width, 2 * width, 3, padding=1), activation(),  # [N, 2w, H/2, W/2]
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(2 * width, width, 3, padding=1), activation(),  # [N, w, H, W]
+            nn.Conv2d(width, out_channels, 3, padding=1),  # stride 1: [N, out_channels, H, W]
+        )
+
+    def forward(self, z):
+        return self.net(z)
