@@ -121,3 +121,42 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z):
         return self.net(z)
+
+
+# ----------------------------------------------------------------------------- residual blocks (model04)
+#
+# Blocks of the hierarchical VAE (model04): pre-activation residual blocks that keep the shape, and
+# the resampling between its resolutions. Unnormalised (no batch norm: its batch statistics would mix
+# the k importance samples of an image and differ between training and evaluation), so depth is kept
+# stable by scaling each block's last conv at initialisation (`out_scale`, e.g. 1/sqrt(blocks)).
+
+
+def soft_clamp(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """bound * tanh(x / bound): the identity near 0, smoothly limited to (-bound, bound)."""
+    return bound * torch.tanh(x / bound)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv3x3(act(conv3x3(act(x)))): [N, C, H, W] -> [N, C, H, W]."""
+
+    def __init__(self, channels: int, hidden: int | None = None, out_scale: float = 1.0, activation=nn.SiLU):
+        super().__init__()
+        hidden = hidden or channels
+        self.net = nn.Sequential(activation(), nn.Conv2d(channels, hidden, 3, padding=1),
+                                 activation(), nn.Conv2d(hidden, channels, 3, padding=1))
+        with torch.no_grad():
+            self.net[-1].weight.mul_(out_scale)
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """Average over 2x2 windows: [N, C, H, W] -> [N, C, ceil(H/2), ceil(W/2)] (odd sides keep their edge)."""
+    return nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+
+
+def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize to `size` (H, W): the inverse of `downsample`'s shape change, also for odd
+    sides (7 -> 14 -> 28, or 4 -> 7)."""
+    return nn.functional.interpolate(x, size=tuple(size), mode="nearest")
