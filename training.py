@@ -531,6 +531,80 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- the step
+
+
+class StepMeters:
+    """Device-side running sums of the hot loop; the host reads them only at log intervals."""
+
+    def __init__(self, device):
+        zero = torch.zeros((), device=device)
+        self.loss_sum, self.taken, self.skipped = zero.clone(), zero.clone(), zero.clone()
+        self.consecutive_skips, self.grad_norm_max = zero.clone(), zero.clone()
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor, skip: torch.Tensor):
+        taken = 1.0 - skip
+        self.loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * taken
+        self.taken += taken
+        self.skipped += skip
+        self.consecutive_skips = (self.consecutive_skips + 1.0) * skip
+        self.grad_norm_max = torch.maximum(self.grad_norm_max, torch.nan_to_num(grad_norm, nan=0.0) * taken)
+
+    def reset_interval(self):
+        """After a log line: the interval sums restart (consecutive_skips runs on)."""
+        for t in (self.loss_sum, self.taken, self.skipped, self.grad_norm_max):
+            t.zero_()
+
+
+def train_step(train_model, optimizer: torch.optim.Optimizer, params: list, x: torch.Tensor, cfg, step: int,
+               total_steps: int, meters: StepMeters, amp: bool, ema: tuple | None = None,
+               world_size: int = 1, poison: bool = False) -> float:
+    """One update of the shared loop, with no host synchronisation (nothing reads a device value).
+
+    x: this process's [B_local, C, H, W] batch. The update is skipped on the device when the loss or
+    the gradient norm is non-finite or the norm exceeds cfg.skip_threshold: fused Adam takes the skip
+    flag as its `found_inf`. Under torchrun the loss is averaged over the processes first, so every
+    process takes the same decision (the gradients are already averaged by DDP). `ema`: (ema_model,
+    model) or None. `poison`: make the loss NaN (fault injection for tests). Returns the learning rate.
+    """
+    lr = get_lr(step, cfg, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = train_model(x, cfg.importance_samples)  # dict of [k, B_local]
+    bound = bound_per_image(log_weights(out, get_kl_weight(step, cfg)), cfg.objective)
+    loss = -bound.mean()
+    if poison:
+        loss = loss * float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss = loss.detach()
+    if world_size > 1:  # the global-batch loss (NaN/inf anywhere reaches every process)
+        dist.all_reduce(loss)
+        loss = loss / world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    skip = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > cfg.skip_threshold)).float()
+    optimizer.grad_scale, optimizer.found_inf = None, skip  # the GradScaler protocol of fused Adam
+    optimizer.step()
+    del optimizer.grad_scale, optimizer.found_inf
+    if ema is not None:  # the EMA moves only on taken steps
+        ema_model, model = ema
+        weight = (1.0 - cfg.ema_decay) * (1.0 - skip)
+        for p_ema, p in zip(ema_model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), weight)
+    meters.update(loss, grad_norm.detach(), skip)
+    return lr
+
+
+def _any_rank(flag: bool, dist_info: DistInfo, device) -> bool:
+    """True on every process when `flag` is True on any (a collective: all must call it at the same step)."""
+    if not dist_info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -726,7 +800,7 @@ def train(rung: Rung, cfg, argv) -> int:
     elif cfg.resume:
         raise UserError(f"--resume: nothing to resume, {ckpt_path} does not exist.")
 
-    torch.manual_seed(cfg.seed + dist_info.rank)
+    torch.manual_seed(cfg.seed)  # every process builds the same initial weights (and EMA copy)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
@@ -734,9 +808,16 @@ def train(rung: Rung, cfg, argv) -> int:
     if device.type == "cuda" and getattr(model, "channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    if dist_info.rank > 0:  # then each process draws its own reparameterisation noise
+        torch.manual_seed(cfg.seed + dist_info.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused Adam applies an update only when `found_inf` is 0: the skip decision stays on the device.
     optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
+    if cfg.batch_size % dist_info.world_size != 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
+                        f"{dist_info.world_size} processes of this torchrun.")
+    if cfg.batch_size > len(data.train):
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training images.")
     batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
                                world_size=dist_info.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * batcher.steps_per_epoch
@@ -753,6 +834,8 @@ def train(rung: Rung, cfg, argv) -> int:
         batcher.load_state_dict(resume_state["batcher"])
         set_rng_state(resume_state["rng"])
         step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+        if dist_info.rank > 0:  # the checkpoint holds process 0's RNG state: draw distinct noise elsewhere
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_info.rank, step]).generate_state(1)[0]))
         best_val, best_step = resume_state["best_val_bound_nats"], resume_state["best_step"]
         train_time_prev = resume_state["train_time_s"]
         if dist_info.is_main:
@@ -761,11 +844,11 @@ def train(rung: Rung, cfg, argv) -> int:
         atomic_write_json(out_dir / "config.json", {"model": rung.name, "run_name": name, **asdict(cfg)})
 
     train_model = model
-    if cfg.compile:
-        train_model = torch.compile(model)
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # compile the DDP-wrapped model: torch.compile splits its graph at DDP's buckets
+        train_model = torch.compile(train_model)
     eval_model = ema_model if ema_model is not None else model
 
     wandb_run = init_wandb(cfg, name, out_dir) if cfg.wandb and dist_info.is_main else None
@@ -780,7 +863,7 @@ def train(rung: Rung, cfg, argv) -> int:
                 "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model is not None else None,
                 "optimizer": optimizer.state_dict(), "batcher": batcher.state_dict(), "rng": rng_state(),
                 "step": step, "epochs": step / batcher.steps_per_epoch,
-                "n_skipped": n_skipped + int(skipped_dev.item()),
+                "n_skipped": n_skipped + int(meters.skipped.item()),
                 "best_val_bound_nats": best_val, "best_step": best_step,
                 "train_time_s": train_time_prev + (time.time() - t_train)}
 
@@ -803,57 +886,30 @@ def train(rung: Rung, cfg, argv) -> int:
                dynamic_ncols=True, desc=name)
     postfix = {}
     nan_from, nan_to = _inject_nan_steps()
-    k = cfg.importance_samples
     amp = cfg.amp and device.type == "cuda"
-    zero = torch.zeros((), device=device)
-    loss_sum, taken_sum, skipped_dev, consecutive_dev = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    grad_norm_max = zero.clone()
+    meters = StepMeters(device)
+    ema = (ema_model, model) if ema_model is not None else None
     last_finite = {}
     t_train, t_log, step_log = time.time(), time.time(), step
     stop_reason = None
     check_every = min(cfg.log_every, cfg.max_consecutive_skips)  # consecutive skips are read this often
     try:
         while step < total_steps:
-            lr = get_lr(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = batcher.next()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = train_model(x, k)
-            bound = bound_per_image(log_weights(out, get_kl_weight(step, cfg)), cfg.objective)
-            loss = -bound.mean()
-            if nan_from <= step <= nan_to:
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            skip = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > cfg.skip_threshold)
-            skip_f = skip.float()
-            optimizer.grad_scale, optimizer.found_inf = None, skip_f  # the GradScaler protocol of fused Adam
-            optimizer.step()
-            del optimizer.grad_scale, optimizer.found_inf
-            if ema_model is not None:  # EMA moves only on taken steps
-                weight = (1.0 - cfg.ema_decay) * (1.0 - skip_f)
-                for p_ema, p in zip(ema_model.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), weight)
-            taken = 1.0 - skip_f
-            loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0) * taken
-            taken_sum += taken
-            skipped_dev += skip_f
-            consecutive_dev = (consecutive_dev + 1.0) * skip_f
-            grad_norm_max = torch.maximum(grad_norm_max, torch.nan_to_num(grad_norm.detach(), nan=0.0) * taken)
+            lr = train_step(train_model, optimizer, params, batcher.next(), cfg, step, total_steps, meters, amp,
+                            ema=ema, world_size=dist_info.world_size, poison=nan_from <= step <= nan_to)
             step += 1
             bar.update(1)
 
-            if step % check_every == 0 or step == total_steps:  # host syncs only here
-                consecutive = int(consecutive_dev.item())
+            at_check = step % check_every == 0 or step == total_steps
+            if at_check:  # host syncs only here
+                consecutive = int(meters.consecutive_skips.item())
                 if step % cfg.log_every == 0 or step == total_steps:
-                    n_taken = taken_sum.item()
-                    n_skipped += int(skipped_dev.item())
+                    n_taken = meters.taken.item()
+                    n_skipped += int(meters.skipped.item())
                     now = time.time()
                     record = {"step": step, "epoch": round(step / batcher.steps_per_epoch, 3),
-                              "loss": loss_sum.item() / n_taken if n_taken else None, "lr": lr,
-                              "grad_norm_max": grad_norm_max.item(), "skipped_total": n_skipped,
+                              "loss": meters.loss_sum.item() / n_taken if n_taken else None, "lr": lr,
+                              "grad_norm_max": meters.grad_norm_max.item(), "skipped_total": n_skipped,
                               "images_per_s": round((step - step_log) * cfg.batch_size / (now - t_log), 1)}
                     if n_taken:
                         last_finite = record
@@ -861,11 +917,11 @@ def train(rung: Rung, cfg, argv) -> int:
                         log.write("train", **record)
                         postfix.update(loss=f"{record['loss']:.2f}" if n_taken else "nan", skipped=n_skipped)
                         bar.set_postfix(postfix, refresh=False)
-                    loss_sum.zero_(), taken_sum.zero_(), skipped_dev.zero_(), grad_norm_max.zero_()
+                    meters.reset_interval()
                     t_log, step_log = now, step
                 if consecutive >= cfg.max_consecutive_skips:
-                    n_skipped += int(skipped_dev.item())
-                    skipped_dev.zero_()
+                    n_skipped += int(meters.skipped.item())
+                    meters.skipped.zero_()
                     stop_reason = "skips"
                     break
 
@@ -886,12 +942,17 @@ def train(rung: Rung, cfg, argv) -> int:
 
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 save_checkpoint()
-            if stop_signal:
+            if dist_info.enabled:  # every process must stop at the same step: they agree at check steps only
+                stop_now = at_check and _any_rank(bool(stop_signal), dist_info, device)
+            else:
+                stop_now = bool(stop_signal)
+            if stop_now:
                 save_checkpoint()
                 stop_reason = "signal"
                 break
             if cfg.max_train_minutes > 0 and step % cfg.log_every == 0 \
-                    and train_time_prev + time.time() - t_train > 60 * cfg.max_train_minutes:
+                    and _any_rank(train_time_prev + time.time() - t_train > 60 * cfg.max_train_minutes, dist_info,
+                                  device):
                 stop_reason = "time"
                 if step % val_every != 0:  # select on a fresh validation bound at the stopping point
                     val_ll = gather_per_image(evaluate_bound(eval_model, shard(data.val, dist_info), cfg.val_samples,
@@ -910,9 +971,10 @@ def train(rung: Rung, cfg, argv) -> int:
 
     train_time = train_time_prev + (time.time() - t_train)
     if stop_reason == "signal":
-        name_of = signal.Signals(stop_signal[0]).name
+        signum = stop_signal[0] if stop_signal else signal.SIGTERM  # torchrun: another process got it
+        name_of = signal.Signals(signum).name
         raise Interrupted(f"{name_of} received: stopped after step {step}, checkpoint written to {ckpt_path}. "
-                          f"Run the same command again (or add --resume) to continue.", stop_signal[0])
+                          f"Run the same command again (or add --resume) to continue.", signum)
     if stop_reason == "skips":
         first_bad = step - cfg.max_consecutive_skips + 1
         message = (f"error: {cfg.max_consecutive_skips} consecutive updates were skipped (non-finite or huge loss or "
@@ -928,6 +990,8 @@ def train(rung: Rung, cfg, argv) -> int:
                   best_val_bound_nats=best_val, best_step=best_step, stop_reason=stop_reason or "completed")
 
     # The test set is used once, on the checkpoint with the best validation bound.
+    if dist_info.enabled:  # process 0 writes best.pt; the others read it only after that
+        dist.barrier()
     best = load_checkpoint(best_path, rung.name)
     eval_model.load_state_dict(best["ema"] if best.get("ema") is not None else best["model"])
     extra = {"steps": step, "epochs": round(step / batcher.steps_per_epoch, 2), "best_step": best_step,
