@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -100,6 +101,7 @@ class TrainConfig:
     wandb: bool = False  # log to Weights & Biases (offline without an API key)
     eval_only: bool = False  # evaluate --checkpoint and redraw its figures, no training
     checkpoint: str | None = None  # checkpoint for --eval-only
+    figures_only: bool = False  # with --eval-only: redraw the figures only (no test-set L_S, no result.json)
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -113,7 +115,7 @@ class TrainConfig:
 # Keys that may change between a checkpoint and the run that resumes or re-evaluates it.
 RUN_CONTROL_KEYS = {"data_dir", "out_dir", "device", "log_every", "checkpoint_every", "max_train_minutes",
                     "publish", "resume", "wandb", "eval_only", "checkpoint", "eval_samples", "n_test",
-                    "eval_chunk", "compile", "epochs", "max_steps"}
+                    "eval_chunk", "compile", "epochs", "max_steps", "figures_only"}
 # Of those, the ones --eval-only takes from the command line (the rest come from the checkpoint).
 EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed"}
 
@@ -171,6 +173,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     a("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
     a("--eval-only", action="store_true", help="evaluate --checkpoint and redraw its figures; no training")
     a("--checkpoint", default=None, help="checkpoint file for --eval-only")
+    a("--figures-only", action="store_true",
+      help="with --eval-only: redraw the checkpoint's seeded figures (and copy them to assets/ with --publish); "
+           "skips the test-set evaluation and writes no result.json")
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -197,6 +202,7 @@ def validate_config(cfg: TrainConfig):
         (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
         (not (cfg.eval_only and not cfg.checkpoint), "--eval-only needs --checkpoint PATH"),
         (not (cfg.eval_only and cfg.resume), "--eval-only and --resume exclude each other"),
+        (not (cfg.figures_only and not cfg.eval_only), "--figures-only needs --eval-only --checkpoint PATH"),
     ]
     for ok, message in checks:
         if not ok:
@@ -693,20 +699,60 @@ def _result_record(rung, cfg, name, info, summary, n_test, extra, device, wall_t
     }
 
 
-def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], name: str):
-    assets, results = REPO_ROOT / "assets", REPO_ROOT / "results"
+PUBLISHED_CHECKPOINT_MAX_BYTES = 8 * 2 ** 20  # weights-only checkpoints up to this size are kept in git
+
+
+def weights_only_checkpoint(ckpt: dict) -> dict:
+    """The evaluated weights (the EMA when there is one) with the config and training summary: all that
+    --eval-only needs, without optimizer, batcher or RNG state."""
+    keep = ("format", "model_name", "run_name", "config", "git_commit", "step", "epochs", "n_skipped",
+            "best_val_bound_nats", "best_step", "train_time_s")
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    return {**{k: ckpt.get(k) for k in keep}, "model": weights, "ema": None, "weights_only": True}
+
+
+def _publish_figures(cfg, figures: list[Path]):
+    assets = REPO_ROOT / "assets"
     assets.mkdir(exist_ok=True)
-    results.mkdir(exist_ok=True)
     for fig in figures:  # model01_imgs.png -> assets/model01_binarized-mnist_imgs.png
         prefix, kind = fig.stem.rsplit("_", 1)
         atomic_copy(fig, assets / f"{prefix}_{cfg.dataset}_{kind}.png")
+
+
+def _publish_checkpoint(source: Path, name: str, model_name: str):
+    """checkpoints/<run name>.pt: the weights behind a published number, so that its figures (and the number)
+    can be regenerated from git alone. Larger ones stay in the run directory (the README says where)."""
+    buffer = io.BytesIO()
+    torch.save(weights_only_checkpoint(load_checkpoint(source, model_name)), buffer)
+    target = REPO_ROOT / "checkpoints" / f"{name}.pt"
+    if buffer.tell() > PUBLISHED_CHECKPOINT_MAX_BYTES:
+        if target.exists():  # a stale checkpoint must never pass for this result's weights
+            target.unlink()
+        print(f"note: the weights-only checkpoint is {buffer.tell() / 2 ** 20:.1f} MB, over the "
+              f"{PUBLISHED_CHECKPOINT_MAX_BYTES // 2 ** 20} MB kept in checkpoints/; keep {source} to regenerate "
+              f"this result's figures")
+        return
+    target.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(target, buffer.getvalue())
+    print(f"published {target.relative_to(REPO_ROOT)} ({buffer.tell() / 2 ** 20:.1f} MB, weights only)")
+
+
+def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], name: str,
+             checkpoint_path: Path | None = None):
+    results = REPO_ROOT / "results"
+    results.mkdir(exist_ok=True)
+    _publish_figures(cfg, figures)
     published = results / f"{name}.json"
     atomic_copy(result_path, published)
     print(f"published {published.relative_to(REPO_ROOT)} and {len(figures)} figures in assets/")
+    if checkpoint_path is not None:
+        _publish_checkpoint(checkpoint_path, name, rung.name)
 
 
-def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv, extra, t_start, commit):
-    """Test-set L_S (the only use of the test set), figures, result.json, optional publish."""
+def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv, extra, t_start, commit,
+                      checkpoint_path: Path | None = None):
+    """Test-set L_S (the only use of the test set), figures, result.json, optional publish (of the result,
+    the figures and a weights-only copy of `checkpoint_path`)."""
     test = data.test if cfg.n_test == 0 else data.test.subset(cfg.n_test)
     t_eval = time.time()
     ll = evaluate_bound(model, shard(test, dist_info), cfg.eval_samples, seed=cfg.seed + 1,
@@ -719,15 +765,15 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
     prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
     figures = save_figures(model, test, out_dir, prefix, seed=cfg.seed)
     result = _result_record(rung, cfg, name, data.info, summary, len(test),
-                            {**extra, "eval_time_s": round(eval_time, 1)}, device, time.time() - t_start, argv,
-                            commit)
+                            {**extra, "eval_time_s": round(eval_time, 1), "figure_prefix": prefix}, device,
+                            time.time() - t_start, argv, commit)
     result_path = out_dir / "result.json"
     atomic_write_json(result_path, result)
     bpd = f", {summary['bpd']:.4f} bits/dim" if summary["bpd"] is not None else ""
     print(f"test L_{cfg.eval_samples} on {len(test)} images: {summary['ll_nats']:.2f} "
           f"± {summary['ll_stderr']:.2f} nats{bpd}  ({out_dir / 'result.json'})")
     if cfg.publish:
-        _publish(rung, cfg, out_dir, result_path, figures, name)
+        _publish(rung, cfg, out_dir, result_path, figures, name, checkpoint_path)
     return result
 
 
@@ -742,7 +788,7 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
         raise UserError(f"checkpoint {cfg.checkpoint} has a config this {rung.name}.py cannot read: {e}") from None
     overrides = {k: getattr(cfg, k) for k in EVAL_OVERRIDE_KEYS if k in given}
     cfg = dataclasses.replace(base, eval_only=True, checkpoint=cfg.checkpoint, resume=False, wandb=False,
-                              publish=cfg.publish, **overrides)
+                              publish=cfg.publish, figures_only=cfg.figures_only, **overrides)
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info)
     out_dir = Path(cfg.out_dir) if "out_dir" in given else Path(cfg.checkpoint).resolve().parent
@@ -755,13 +801,23 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     except RuntimeError as e:
         raise UserError(f"checkpoint {cfg.checkpoint} does not fit {rung.name}'s model built from its own "
                         f"config: {str(e).splitlines()[0]}") from None
+    if cfg.figures_only:  # the run's seeded figures, redrawn from its weights; no test L_S, result.json untouched
+        if dist_info.is_main:
+            test = data.test if cfg.n_test == 0 else data.test.subset(cfg.n_test)
+            prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
+            figures = save_figures(model, test, out_dir, prefix, seed=cfg.seed)
+            if cfg.publish:
+                _publish_figures(cfg, figures)
+            print(f"redrew {len(figures)} figures of {cfg.checkpoint} in {out_dir}"
+                  + (" and copied them to assets/" if cfg.publish else ""))
+        return 0
     name = ckpt.get("run_name", run_name(rung, cfg))
     extra = {k: ckpt.get(k) for k in ("steps", "epochs", "n_skipped", "best_val_bound_nats", "best_step",
                                       "train_time_s")}
     extra["steps"] = ckpt.get("step")
     _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv,
                       {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
-                      t_start, git_commit())
+                      t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint))
     return 0
 
 
@@ -999,7 +1055,7 @@ def train(rung: Rung, cfg, argv) -> int:
              "n_skipped": n_skipped, "train_time_s": round(train_time, 1),
              "stopped_by_time_limit": stop_reason == "time", "world_size": dist_info.world_size}
     result = _final_evaluation(rung, cfg, eval_model, data, dist_info, device, out_dir, name, argv, extra, t_start,
-                               commit)
+                               commit, checkpoint_path=best_path)
     if dist_info.is_main and result is not None:
         log.write("test", step=step, test_ll_nats=result["test_ll_nats"], test_ll_stderr=result["test_ll_stderr"],
                   test_bpd=result["test_bpd"], eval_samples=cfg.eval_samples, n_test=result["n_test"])
