@@ -540,6 +540,19 @@ def set_rng_state(state: dict):
 # ----------------------------------------------------------------------------- the step
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A freshly built model on the device; conv models (attribute channels_last = True) go NHWC on CUDA."""
+    model = model.to(device)
+    if device.type == "cuda" and getattr(model, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_optimizer(params: list, cfg) -> torch.optim.Optimizer:
+    # Fused Adam applies an update only when `found_inf` is 0: the skip decision stays on the device.
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
+
+
 class StepMeters:
     """Device-side running sums of the hot loop; the host reads them only at log intervals."""
 
@@ -794,7 +807,7 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     out_dir = Path(cfg.out_dir) if "out_dir" in given else Path(cfg.checkpoint).resolve().parent
     _prepare_out_dir(out_dir, dist_info.is_main)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
-    model = rung.build_model(cfg, data.info).to(device)
+    model = prepare_model(rung.build_model(cfg, data.info), device)
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:
         model.load_state_dict(weights)
@@ -860,15 +873,12 @@ def train(rung: Rung, cfg, argv) -> int:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
-    model = rung.build_model(cfg, data.info).to(device)
-    if device.type == "cuda" and getattr(model, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(rung.build_model(cfg, data.info), device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     if dist_info.rank > 0:  # then each process draws its own reparameterisation noise
         torch.manual_seed(cfg.seed + dist_info.rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Fused Adam applies an update only when `found_inf` is 0: the skip decision stays on the device.
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
+    optimizer = make_optimizer(params, cfg)
     if cfg.batch_size % dist_info.world_size != 0:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                         f"{dist_info.world_size} processes of this torchrun.")
