@@ -800,8 +800,9 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     except (UserError, TypeError) as e:
         raise UserError(f"checkpoint {cfg.checkpoint} has a config this {rung.name}.py cannot read: {e}") from None
     overrides = {k: getattr(cfg, k) for k in EVAL_OVERRIDE_KEYS if k in given}
-    cfg = dataclasses.replace(base, eval_only=True, checkpoint=cfg.checkpoint, resume=False, wandb=False,
-                              publish=cfg.publish, figures_only=cfg.figures_only, **overrides)
+    # publish and figures_only always come from this command line (a dict merge: --publish is also an override)
+    cfg = dataclasses.replace(base, **{**overrides, "eval_only": True, "checkpoint": cfg.checkpoint, "resume": False,
+                                       "wandb": False, "publish": cfg.publish, "figures_only": cfg.figures_only})
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info)
     out_dir = Path(cfg.out_dir) if "out_dir" in given else Path(cfg.checkpoint).resolve().parent
