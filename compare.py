@@ -1,0 +1,406 @@
+"""Every published test-set log-likelihood in one table, and the README kept in step with it.
+
+    python compare.py                          # the table, in the terminal
+    python compare.py --markdown               # the same table in README form
+    python compare.py --dataset binarized-mnist
+    python compare.py --update-readme          # rewrite README's generated blocks from results/
+    python compare.py --check                  # exit 1 with a diff when README disagrees with results/ (CI)
+
+The numbers come from results/*.json, one file per published number, each written by
+`python modelNN.py ... --publish` (bench_*.json files are benchmarks and are skipped). A --quick run is
+never a published number: the terminal table flags it, and everything written for the README refuses it.
+
+README holds generated blocks between marker comments; everything between a pair is overwritten, so
+write prose outside them:
+    <!-- results:start --> ... <!-- results:end -->                every result: the comparison table
+    <!-- results:MODEL:start --> ... <!-- results:MODEL:end -->    one rung's results and their commands
+    <!-- figures:MODEL:start --> ... <!-- figures:MODEL:end -->    one rung's figure rows (from assets/)
+--check also fails when README shows an image that does not exist.
+
+Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
+unbalanced markers), reported in one paragraph.
+"""
+import argparse
+import ast
+import datetime
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+# Fields every result.json written by training.py carries (older files may lack the optional ones).
+REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", "importance_samples", "objective",
+                 "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
+                 "device", "device_type", "git_commit", "quick")
+FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
+MARKER = re.compile(r"<!-- (results|figures)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
+MAX_DIFF_LINES = 60
+
+
+class CompareError(RuntimeError):
+    """Bad input (results, README markers, flags): one paragraph, exit status 2."""
+
+
+def dataset_names() -> list[str]:
+    """The keys of data.DATASETS, read from data.py's source so that this script needs no torch (CI runs
+    --check often); falls back to importing data.py should DATASETS stop being a literal dict."""
+    for node in ast.parse((REPO_ROOT / "data.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DATASETS" for t in node.targets):
+            try:
+                return [ast.literal_eval(key) for key in node.value.keys]
+            except (AttributeError, ValueError):
+                break
+    import data
+    return list(data.DATASETS)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def load_results(results_dir: Path, must_exist: bool) -> list[dict]:
+    """Every result file of `results_dir` (bench_*.json skipped), validated, sorted for display."""
+    if not results_dir.is_dir():
+        if must_exist:
+            raise CompareError(f"--results-dir {results_dir} is not a directory.")
+        return []  # nothing published yet
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name.startswith("bench_"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CompareError(f"{path} is not readable JSON ({type(e).__name__}: {e}). Every file in "
+                               f"{results_dir} must be a result.json written by `modelNN.py --publish`; "
+                               f"restore it or move it out.") from None
+        missing = [k for k in REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise CompareError(f"{path} lacks {', '.join(missing)}: it was not written by `modelNN.py --publish` "
+                               f"(benchmarks belong in bench_*.json). Restore it or move it out of {results_dir}.")
+        if not isinstance(record["test_ll_nats"], (int, float)) or not math.isfinite(record["test_ll_nats"]):
+            raise CompareError(f"{path}: test_ll_nats is {record['test_ll_nats']!r}, not a finite number; "
+                               f"a failed run is not a result. Move it out of {results_dir}.")
+        results.append({**record, "_path": path})
+    return sorted(results, key=lambda r: (r["model"], r["dataset"], r["latent_layers"], r["objective"],
+                                          r["importance_samples"], r["run_name"]))
+
+
+def refuse_quick(results: list[dict]):
+    quick = [r["_path"] for r in results if r["quick"]]
+    if quick:
+        raise CompareError(f"{', '.join(str(p) for p in quick)} {'is a' if len(quick) == 1 else 'are'} --quick "
+                           f"run{'s' if len(quick) > 1 else ''}: tiny runs for testing, never published numbers, "
+                           f"so they never enter the README. Delete {'it' if len(quick) == 1 else 'them'} from "
+                           f"results/ (and publish a full run instead).")
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def format_duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def device_label(r: dict) -> str:
+    """The device as written by training.device_name; a CPU run always reads as one."""
+    label = str(r["device"])
+    if r["device_type"] == "cpu" and not label.upper().startswith("CPU"):
+        label = f"CPU ({label})"
+    world = r.get("world_size") or 1
+    return f"{world} × {label}" if world > 1 else label
+
+
+def commit_label(r: dict) -> str:
+    commit = str(r["git_commit"])
+    if commit == "unknown":
+        return "unknown"
+    dirty = commit.endswith("-dirty")
+    return commit[:7] + (" (uncommitted changes)" if dirty else "")
+
+
+def ll_label(r: dict) -> str:
+    stderr = r["test_ll_stderr"]
+    if isinstance(stderr, (int, float)) and math.isfinite(stderr):
+        return f"{r['test_ll_nats']:.2f} ± {stderr:.2f}"
+    return f"{r['test_ll_nats']:.2f}"
+
+
+def wall_time_label(r: dict) -> str:
+    if r.get("evaluated_checkpoint"):  # an --eval-only re-evaluation: its own wall time is the evaluation's
+        return f"{format_duration(r.get('train_time_s'))} training + {format_duration(r.get('eval_time_s'))} eval"
+    return format_duration(r["wall_time_s"])
+
+
+def steps_label(r: dict) -> str:
+    steps = r["steps"]
+    text = f"{steps:,}" if isinstance(steps, int) else str(steps)
+    return text + (" (time limit)" if r.get("stopped_by_time_limit") else "")
+
+
+COLUMNS = [  # (header, cell) in display order
+    ("model", lambda r: r["model"] + (" [QUICK: not a published number]" if r["quick"] else "")),
+    ("dataset", lambda r: r["dataset"]),
+    ("p(x|z)", lambda r: r["likelihood"]),
+    ("latent layers", lambda r: str(r["latent_layers"])),
+    ("training objective", lambda r: f"{r['objective'].upper()}, k={r['importance_samples']}"),
+    ("eval samples S", lambda r: f"{r['eval_samples']:,}"),
+    ("test images", lambda r: f"{r['n_test']:,}"),
+    ("test log-likelihood L_S (nats)", ll_label),
+    ("bits/dim", lambda r: f"{r['test_bpd']:.3f}" if r["test_bpd"] is not None else "—"),
+    ("steps", steps_label),
+    ("wall time", wall_time_label),
+    ("device", device_label),
+    ("commit", commit_label),
+]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def terminal_table(results: list[dict]) -> str:
+    if not results:
+        return "no published results yet (results/ holds no result files)"
+    rows = [[h for h, _ in COLUMNS]] + [[cell(r) for _, cell in COLUMNS] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r["quick"] for r in results):
+        lines.append("QUICK rows are tiny --quick runs: never published numbers (README output refuses them).")
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def markdown_table(results: list[dict], link_base: Path, empty: str) -> str:
+    """README form: each model cell links to its result file, so every number has its source."""
+    if not results:
+        return empty
+    lines = ["| " + " | ".join(_md(h) for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results:
+        cells = [_md(cell(r)) for _, cell in COLUMNS]
+        cells[0] = f"[{cells[0]}]({_relative(r['_path'], link_base)})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+NO_RESULTS = ("_No published results yet: `results/` holds no result files. A full run with `--publish` writes "
+              "one, then `python compare.py --update-readme` fills this table._")
+
+
+def results_block(results: list[dict], model: str | None, link_base: Path) -> str:
+    if model is None:
+        table = markdown_table(results, link_base, NO_RESULTS)
+        if not results:
+            return table
+        n_cpu = sum(r["device_type"] == "cpu" for r in results)
+        cpu_note = f" {n_cpu} of them ran on a CPU (see the device column)." if n_cpu else ""
+        return (table + f"\n\n_Generated by `python compare.py --update-readme` from {len(results)} file"
+                f"{'s' if len(results) > 1 else ''} in `results/`.{cpu_note}_")
+    rows = [r for r in results if r["model"] == model]
+    if not rows:
+        return f"_No published results for {model} yet._"
+    commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" for r in rows)
+    return markdown_table(rows, link_base, "") + "\n\nThe commands that produced them:\n\n" + commands
+
+
+def _date(r: dict) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromisoformat(r.get("date", ""))
+    except (TypeError, ValueError):
+        return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+
+
+def figure_groups(results: list[dict], assets_dir: Path) -> list[tuple[dict, int, dict]]:
+    """Per (figure prefix, dataset): the newest result (its --publish wrote the files in assets/ last),
+    how many results share those files, and {kind: path or None}."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("figure_prefix") or r["model"], r["dataset"]), []).append(r)
+    out = []
+    for (prefix, dataset), members in sorted(groups.items()):
+        newest = max(members, key=_date)
+        paths = {kind: assets_dir / f"{prefix}_{dataset}_{kind}.png" for kind, _ in FIGURE_KINDS}
+        out.append((newest, len(members), {k: p if p.is_file() else None for k, p in paths.items()}))
+    return out
+
+
+def figures_block(results: list[dict], model: str, assets_dir: Path, link_base: Path) -> str:
+    rows = [r for r in results if r["model"] == model]
+    if not rows:
+        return f"_No published figures for {model} yet._"
+    lines = ["| run | " + " | ".join(title for _, title in FIGURE_KINDS) + " |", "|" + "---|" * (1 + len(FIGURE_KINDS))]
+    missing = False
+    for newest, count, paths in figure_groups(rows, assets_dir):
+        run = f"`{newest['run_name']}`" + (f" (newest of {count} runs sharing these figures)" if count > 1 else "")
+        cells = []
+        for kind, title in FIGURE_KINDS:
+            if paths[kind] is None:
+                missing = True
+                cells.append("_not in assets/_")
+            else:
+                cells.append(f"![{title}]({_relative(paths[kind], link_base)})")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    if missing:
+        lines.append("\n_Some figures are missing from `assets/`: `python regenerate_figures.py` redraws them from "
+                     "the published checkpoints._")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: Path) -> str:
+    """README text with every generated block rewritten from `results`."""
+    out, pos, open_marker = [], 0, None
+
+    def where(match):
+        return f"line {text.count(chr(10), 0, match.start()) + 1}"
+
+    for m in MARKER.finditer(text):
+        kind, model, edge = m.groups()
+        if edge == "start":
+            if open_marker is not None:
+                raise CompareError(f"README {where(m)}: {m.group(0)} opens inside the block opened by "
+                                   f"{open_marker.group(0)} ({where(open_marker)}); close that block first.")
+            if model is not None and not (REPO_ROOT / f"{model}.py").is_file():
+                raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
+                                   f"in {REPO_ROOT}; fix the marker.")
+            out.append(text[pos:m.end()])
+            open_marker = m
+        else:
+            if open_marker is None or open_marker.groups()[:2] != (kind, model):
+                raise CompareError(f"README {where(m)}: {m.group(0)} closes no open "
+                                   f"<!-- {kind}{':' + model if model else ''}:start --> block.")
+            if kind == "results":
+                block = results_block(results, model, link_base)
+            elif model is None:
+                raise CompareError(f"README {where(open_marker)}: a figures block needs a model, e.g. "
+                                   f"<!-- figures:model01:start -->.")
+            else:
+                block = figures_block(results, model, assets_dir, link_base)
+            out.append("\n" + block + "\n")
+            pos, open_marker = m.start(), None
+    if open_marker is not None:
+        raise CompareError(f"README {where(open_marker)}: {open_marker.group(0)} is never closed.")
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def missing_images(text: str, base: Path) -> list[str]:
+    """Relative image paths README shows that do not exist."""
+    missing = []
+    for m in IMAGE_LINK.finditer(text):
+        target = m.group(1) or m.group(2)
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):  # http(s):, data: ... not ours to check
+            continue
+        if not (base / target.split("#")[0]).is_file():
+            missing.append(target)
+    return missing
+
+
+def read_readme(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CompareError(f"cannot read README {path} ({e.strerror}); point --readme at it.") from None
+    if not MARKER.search(text):
+        raise CompareError(f"README {path} has no generated block: add a <!-- results:start --> line and a "
+                           f"<!-- results:end --> line where the comparison table belongs.")
+    return text
+
+
+def check_readme(readme: Path, expected: str, current: str) -> int:
+    problems = 0
+    if current != expected:
+        diff = list(difflib.unified_diff(current.splitlines(), expected.splitlines(),
+                                         f"{readme} (as it is)", f"{readme} (as results/ say)", lineterm="", n=1))
+        print("README is out of date with results/: run `python compare.py --update-readme`.\n")
+        print("\n".join(diff[:MAX_DIFF_LINES]))
+        if len(diff) > MAX_DIFF_LINES:
+            print(f"... ({len(diff) - MAX_DIFF_LINES} more diff lines)")
+        problems += 1
+    missing = missing_images(current, readme.parent)
+    if missing:
+        print(f"README shows images that do not exist: {', '.join(missing)}. Publish or regenerate them "
+              f"(`python regenerate_figures.py`), or remove the links.")
+        problems += 1
+    if not problems:
+        print("README agrees with results/ (generated blocks and images checked).")
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--markdown", action="store_true", help="print the table in README (markdown) form")
+    mode.add_argument("--update-readme", action="store_true",
+                      help="rewrite README's generated blocks (between <!-- results...:start/end --> markers)")
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1 with a diff when README's generated blocks differ from what results/ say, "
+                           "or README shows a missing image")
+    parser.add_argument("--dataset", choices=dataset_names(), default=None,
+                        help="show only results on this data set (terminal and --markdown tables only)")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md",
+                        help="README to update or check (default: the repo's README.md)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="directory of result files (default: results/ next to this script)")
+    parser.add_argument("--assets-dir", type=Path, default=None,
+                        help="directory of published figures (default: assets/ next to this script)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # bad flags: argparse prints usage and exits 2
+    try:
+        if args.dataset and (args.update_readme or args.check):
+            raise CompareError("--dataset filters a printed table; README blocks always hold every result.")
+        results = load_results(args.results_dir or REPO_ROOT / "results", must_exist=args.results_dir is not None)
+        assets_dir = args.assets_dir or REPO_ROOT / "assets"
+        if args.dataset:
+            results = [r for r in results if r["dataset"] == args.dataset]
+        if not (args.markdown or args.update_readme or args.check):
+            print(terminal_table(results))
+            return 0
+        refuse_quick(results)
+        if args.markdown:
+            print(results_block(results, None, args.readme.parent))
+            return 0
+        current = read_readme(args.readme)
+        expected = render_readme(current, results, assets_dir, args.readme.parent)
+        if args.check:
+            return check_readme(args.readme, expected, current)
+        if expected == current:
+            print(f"{args.readme} is already up to date ({len(results)} results).")
+        else:
+            tmp = args.readme.with_name(f".{args.readme.name}.tmp{os.getpid()}")
+            tmp.write_text(expected)
+            os.replace(tmp, args.readme)
+            print(f"updated the generated blocks of {args.readme} from {len(results)} results.")
+        return 0
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

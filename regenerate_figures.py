@@ -1,0 +1,165 @@
+"""Redraw every published figure in assets/ from the weights behind it: one command.
+
+    python regenerate_figures.py                    # every result in results/
+    python regenerate_figures.py --dry-run          # what would run, and which checkpoints are missing
+    python regenerate_figures.py --run model01_binarized-mnist_iwae_k5_seed0
+    python regenerate_figures.py --export-checkpoint runs/<run>/best.pt   # add a run's weights to checkpoints/
+
+For each results/<run>.json the run's weights are looked up in
+    checkpoints/<run>.pt     the weights-only copy that `--publish` writes when it is <= 8 MB (kept in git)
+    runs/<run>/best.pt       the run directory, on the machine that trained it
+and `python <model>.py --eval-only --checkpoint CKPT --figures-only --publish` redraws the figures into
+assets/. Figures are seeded, so on the same device type as the run (the default) they come out bit
+for bit as published. Results run oldest first, so where several runs share figure files the newest
+one's figures end in assets/, as with --publish. Exit status 1 when any result could not be redrawn
+(its checkpoint is missing or its script failed): each is reported.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+class RegenerateError(RuntimeError):
+    """Bad input: one paragraph, exit status 2."""
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Published results (bench_*.json skipped), oldest first."""
+    results = []
+    for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
+        if path.name.startswith("bench_"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+            results.append({"run_name": record["run_name"], "model": record["model"], "quick": record.get("quick"),
+                            "device_type": record.get("device_type", "cpu"), "date": record.get("date", ""),
+                            "path": path})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RegenerateError(f"{path} is not a result file written by `modelNN.py --publish` "
+                                  f"({type(e).__name__}: {e}); `python compare.py` says more.") from None
+
+    def date(r):
+        try:
+            return datetime.datetime.fromisoformat(r["date"]).timestamp()
+        except (TypeError, ValueError):
+            return 0.0
+
+    return sorted(results, key=lambda r: (date(r), r["run_name"]))
+
+
+def find_checkpoint(run_name: str, checkpoints_dir: Path, runs_dir: Path) -> Path | None:
+    for candidate in (checkpoints_dir / f"{run_name}.pt", runs_dir / run_name / "best.pt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def export_checkpoint(source: Path, checkpoints_dir: Path) -> Path:
+    """checkpoints/<run>.pt from a run's best.pt: the evaluated weights and config only."""
+    import torch
+
+    import training
+
+    if not source.is_file():
+        raise RegenerateError(f"--export-checkpoint: {source} does not exist.")
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != training.CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise RegenerateError(f"--export-checkpoint: {source} is not a vae-mdl checkpoint.")
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    target = checkpoints_dir / f"{ckpt['run_name']}.pt"
+    training.atomic_torch_save(training.weights_only_checkpoint(ckpt), target)
+    size_mb = target.stat().st_size / 2 ** 20
+    if target.stat().st_size > training.PUBLISHED_CHECKPOINT_MAX_BYTES:
+        print(f"warning: {target} is {size_mb:.1f} MB, over the {training.PUBLISHED_CHECKPOINT_MAX_BYTES >> 20} MB "
+              f"meant for git; keep it out of commits.", file=sys.stderr)
+    print(f"wrote {target} ({size_mb:.1f} MB, weights only) from {source}")
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results",
+                        help="published results to redraw (default: results/)")
+    parser.add_argument("--checkpoints-dir", type=Path, default=REPO_ROOT / "checkpoints",
+                        help="weights-only checkpoints <run>.pt (default: checkpoints/)")
+    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs",
+                        help="run directories <run>/best.pt, searched second (default: runs/)")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
+    parser.add_argument("--device", choices=["result", "cpu", "cuda"], default="result",
+                        help="device to draw on; 'result' (default): the run's own device type, which makes "
+                             "the figures bit-identical to the published ones")
+    parser.add_argument("--run", action="append", default=None, metavar="RUN_NAME",
+                        help="redraw only this run (repeatable)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="keep each run's redrawn figures in OUT_DIR/<run> (default: a temporary directory)")
+    parser.add_argument("--dry-run", action="store_true", help="list the commands and missing checkpoints; run nothing")
+    parser.add_argument("--export-checkpoint", type=Path, default=None, metavar="BEST_PT",
+                        help="write a weights-only copy of a run's best.pt to --checkpoints-dir, then exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.export_checkpoint is not None:
+            export_checkpoint(args.export_checkpoint, args.checkpoints_dir)
+            return 0
+        results = load_results(args.results_dir)
+        if args.run:
+            unknown = sorted(set(args.run) - {r["run_name"] for r in results})
+            if unknown:
+                raise RegenerateError(f"--run {', '.join(unknown)}: no such result in {args.results_dir}.")
+            results = [r for r in results if r["run_name"] in args.run]
+    except RegenerateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        if r["quick"]:
+            print(f"skip {r['run_name']}: a --quick run is not a published result (python compare.py refuses it)")
+    results = [r for r in results if not r["quick"]]
+    if not results:
+        print(f"no published results in {args.results_dir}: no figures to redraw.")
+        return 0
+
+    data_dir = args.data_dir or os.environ.get("VAE_DATA_DIR") or "data"  # never the trainer's own path
+    failed, redrawn = [], 0
+    with tempfile.TemporaryDirectory(prefix="vae-mdl-figures-") as scratch:
+        out_root = args.out_dir or Path(scratch)
+        for r in results:
+            name = r["run_name"]
+            script = REPO_ROOT / f"{r['model']}.py"
+            ckpt = find_checkpoint(name, args.checkpoints_dir, args.runs_dir)
+            if ckpt is None or not script.is_file():
+                why = (f"no checkpoint: neither {args.checkpoints_dir / (name + '.pt')} nor "
+                       f"{args.runs_dir / name / 'best.pt'} exists" if ckpt is None else f"{script.name} is missing")
+                print(f"MISSING {name}: {why}")
+                failed.append(name)
+                continue
+            device = r["device_type"] if args.device == "result" else args.device
+            command = [sys.executable, str(script), "--eval-only", "--checkpoint", str(ckpt), "--figures-only",
+                       "--publish", "--out-dir", str(out_root / name), "--data-dir", data_dir, "--device", device]
+            print(f"{'would run' if args.dry_run else 'redraw'} {name}: {' '.join(command[1:])}")
+            if args.dry_run:
+                continue
+            proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"FAILED {name} (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+                failed.append(name)
+            else:
+                redrawn += 1
+    verb = "would redraw" if args.dry_run else "redrew"
+    print(f"{verb} the figures of {len(results) - len(failed)} of {len(results)} results"
+          + (f"; not redrawn: {', '.join(failed)}" if failed else "")
+          + ("" if args.dry_run or not redrawn else "; assets/ updated (git diff assets/ shows any change)"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

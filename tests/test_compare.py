@@ -1,0 +1,191 @@
+"""compare.py keeps README in step with results/, and regenerate_figures.py redraws the published figures.
+
+One real (tiny, not --quick) model01 run on MNIST, published into a copy of the repo (scripts, README,
+results/, assets/, checkpoints/) in a temp dir, provides the result file, figures and weights-only
+checkpoint the tests work on; the real repo is only read.
+"""
+import json
+import re
+import shutil
+
+import pytest
+
+import compare
+from conftest import ROOT, run_script
+
+
+def _compare(capsys, *argv) -> tuple[int, str]:
+    code = compare.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, data_dir):
+    """A repo copy with one more published result (its own seed, so its own run name) than the repo."""
+    repo = tmp_path_factory.mktemp("repo")
+    for path in ROOT.glob("*.py"):
+        shutil.copy(path, repo / path.name)
+    shutil.copy(ROOT / "README.md", repo / "README.md")
+    for folder in ("results", "assets", "checkpoints"):
+        if (ROOT / folder).is_dir():
+            shutil.copytree(ROOT / folder, repo / folder)
+    proc = run_script(repo / "model01.py", "--seed", 4242, "--max-steps", 30, "--val-every", 30, "--val-samples", 5, "--n-test", 100,
+                      "--eval-samples", 10, "--log-every", 10, "--data-dir", data_dir, "--out-dir", repo / "runs" / "a",
+                      "--publish", "--device", "cpu", cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_path = repo / "results" / "model01_binarized-mnist_iwae_k5_seed4242.json"
+    return {"repo": repo, "result_path": result_path, "result": json.loads(result_path.read_text()),
+            "data_dir": data_dir}
+
+
+def _paths(published):
+    repo = published["repo"]
+    return ["--readme", repo / "README.md", "--results-dir", repo / "results", "--assets-dir", repo / "assets"]
+
+
+def test_repo_readme_agrees_with_results():
+    """What CI guards: the README's generated blocks say what results/ says (also with no results yet)."""
+    proc = run_script("compare.py", "--check", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dataset_choices_are_data_py_datasets():
+    import data
+    assert compare.dataset_names() == list(data.DATASETS)
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("# README's test command:") + 1].strip()
+    env = re.search(r'VAE_DATA_DIR="\$\{VAE_DATA_DIR:-([^}]+)\}"', "\n".join(ci)).group(1)
+    assert f"VAE_DATA_DIR={env} {command}" in (ROOT / "README.md").read_text()
+
+
+def test_update_then_check_then_hand_edit_fails_with_diff(published, capsys):
+    repo, result = published["repo"], published["result"]
+    code, out = _compare(capsys, "--check", *_paths(published))
+    assert code == 1 and "--update-readme" in out  # the copied README predates the new result
+    code, out = _compare(capsys, "--update-readme", *_paths(published))
+    assert code == 0, out
+    readme = (repo / "README.md").read_text()
+    number = f"{result['test_ll_nats']:.2f} ± {result['test_ll_stderr']:.2f}"
+    assert readme.count(number) == 2  # the model01 block and the comparison table
+    assert "CPU (" in readme and "_No published results yet" not in readme
+    assert f"](results/{published['result_path'].name})" in readme  # every number links to its file
+    assert f"![samples](assets/{result['model']}_{result['dataset']}_samples.png)" in readme
+    assert result["command"] in readme
+    code, out = _compare(capsys, "--update-readme", *_paths(published))
+    assert code == 0 and "already up to date" in out
+    code, out = _compare(capsys, "--check", *_paths(published))
+    assert code == 0, out
+
+    edited = f"{result['test_ll_nats'] + 1.0:.2f} ± {result['test_ll_stderr']:.2f}"  # someone "fixes" a number
+    (repo / "README.md").write_text(readme.replace(number, edited, 1))
+    try:
+        proc = run_script(repo / "compare.py", "--check", *_paths(published), cwd=repo, timeout=120)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        diff = proc.stdout.splitlines()
+        assert any(line.startswith("-") and edited in line for line in diff), proc.stdout
+        assert any(line.startswith("+") and number in line for line in diff), proc.stdout
+    finally:
+        (repo / "README.md").write_text(readme)
+
+
+def test_terminal_table_columns_and_dataset_filter(published, capsys):
+    result = published["result"]
+    results = published["repo"] / "results"
+    code, out = _compare(capsys, "--results-dir", results, "--dataset", "binarized-mnist")
+    assert code == 0
+    header = out.splitlines()[0]
+    number = f"{result['test_ll_nats']:.2f} ± {result['test_ll_stderr']:.2f}"
+    (row,) = [line for line in out.splitlines() if number in line]
+    for column in ("model", "dataset", "p(x|z)", "latent layers", "training objective", "eval samples S",
+                   "test images", "test log-likelihood L_S (nats)", "bits/dim", "steps", "wall time", "device",
+                   "commit"):
+        assert column in header
+    for cell in ("model01", "binarized-mnist", "bernoulli", "IWAE, k=5", " 10 ", " 100 ", " 30 ", "CPU ("):
+        assert cell in row, (cell, row)
+    code, out = _compare(capsys, "--results-dir", results, "--dataset", "svhn")
+    assert code == 0 and "no published results" in out
+    code, out = _compare(capsys, "--markdown", "--results-dir", results, "--dataset", "binarized-mnist")
+    assert code == 0 and out.startswith("| model |") and "[model01](" in out
+
+
+def test_quick_results_are_flagged_and_refused(published, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quick.json").write_text(json.dumps({**published["result"], "quick": True}))
+    code, out = _compare(capsys, "--results-dir", results)
+    assert code == 0 and "[QUICK: not a published number]" in out
+    readme = tmp_path / "README.md"
+    shutil.copy(published["repo"] / "README.md", readme)
+    for mode in ("--markdown", "--update-readme", "--check"):
+        code, out = _compare(capsys, mode, "--results-dir", results, "--readme", readme)
+        assert code == 2 and "--quick run" in out and "quick.json" in out, (mode, out)
+    assert readme.read_bytes() == (published["repo"] / "README.md").read_bytes()  # refused: nothing written
+
+
+def test_bad_inputs_are_clear_errors(published, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_speed.json").write_text("not a result, and skipped")
+    code, out = _compare(capsys, "--results-dir", results)
+    assert code == 0 and "no published results" in out
+    (results / "broken.json").write_text('{"model": "model01"')
+    code, out = _compare(capsys, "--results-dir", results)
+    assert code == 2 and "broken.json is not readable JSON" in out
+    (results / "broken.json").write_text('{"model": "model01"}')
+    code, out = _compare(capsys, "--results-dir", results)
+    assert code == 2 and "broken.json lacks" in out
+    (results / "broken.json").unlink()
+
+    readme = tmp_path / "README.md"
+    for text, message in [("# no markers\n", "has no generated block"),
+                          ("<!-- results:start -->\n", "is never closed"),
+                          ("<!-- results:model01:start -->\n<!-- results:end -->\n", "closes no open"),
+                          ("<!-- results:model99:start -->\n<!-- results:model99:end -->\n", "no model99.py"),
+                          ("<!-- figures:start -->\n<!-- figures:end -->\n", "needs a model")]:
+        readme.write_text(text)
+        code, out = _compare(capsys, "--check", "--readme", readme, "--results-dir", results)
+        assert code == 2 and message in out, (text, out)
+    readme.write_text("<!-- results:start -->\n" + compare.NO_RESULTS + "\n<!-- results:end -->\n"
+                      "![a figure](assets/never_published.png)\n")
+    code, out = _compare(capsys, "--check", "--readme", readme, "--results-dir", results)
+    assert code == 1 and "assets/never_published.png" in out
+    code, out = _compare(capsys, "--check", "--dataset", "mnist", "--readme", readme, "--results-dir", results)
+    assert code == 2 and "--dataset" in out
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--check", "--update-readme"])
+    assert exc.value.code == 2
+
+
+def test_regenerated_figures_are_bit_identical(published, tmp_path):
+    """regenerate_figures.py redraws assets/ from checkpoints/ exactly as --publish drew them; the
+    published checkpoint also reproduces the published number."""
+    repo, result = published["repo"], published["result"]
+    assets = sorted((repo / "assets").glob("model01_binarized-mnist_*.png"))
+    assert len(assets) == 3
+    published_bytes = {p.name: p.read_bytes() for p in assets}
+    result_bytes = published["result_path"].read_bytes()
+    for p in assets:
+        p.unlink()
+    shutil.rmtree(repo / "runs")  # only checkpoints/ is left to draw from
+    proc = run_script(repo / "regenerate_figures.py", "--run", result["run_name"], "--data-dir", published["data_dir"],
+                      cwd=repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in assets} == published_bytes
+    assert published["result_path"].read_bytes() == result_bytes  # --figures-only leaves results alone
+
+    proc = run_script(repo / "model01.py", "--eval-only", "--checkpoint", repo / "checkpoints" / f"{result['run_name']}.pt",
+                      "--out-dir", tmp_path / "eval", "--data-dir", published["data_dir"], cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "result.json").read_text())["test_ll_nats"] == result["test_ll_nats"]
+
+    ckpt = repo / "checkpoints" / f"{result['run_name']}.pt"
+    ckpt.rename(tmp_path / "moved.pt")
+    try:
+        proc = run_script(repo / "regenerate_figures.py", "--run", result["run_name"], "--dry-run", cwd=repo)
+        assert proc.returncode == 1 and f"MISSING {result['run_name']}: no checkpoint" in proc.stdout, proc.stdout
+    finally:
+        (tmp_path / "moved.pt").rename(ckpt)
