@@ -168,9 +168,10 @@ COLUMNS = [  # (header, cell) in display order
 # ----------------------------------------------------------------------------- tables
 
 
-def terminal_table(results: list[dict]) -> str:
+def terminal_table(results: list[dict], dataset: str | None = None) -> str:
     if not results:
-        return "no published results yet (results/ holds no result files)"
+        return (f"no published results on {dataset}" if dataset else
+                "no published results yet (results/ holds no result files)")
     rows = [[h for h, _ in COLUMNS]] + [[cell(r) for _, cell in COLUMNS] for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -379,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset:
             results = [r for r in results if r["dataset"] == args.dataset]
         if not (args.markdown or args.update_readme or args.check):
-            print(terminal_table(results))
+            print(terminal_table(results, args.dataset))
             return 0
         refuse_quick(results)
         if args.markdown:
-            print(results_block(results, None, args.readme.parent))
+            print(results_block(results, None, args.readme.parent) if results or not args.dataset
+                  else f"_No published results on {args.dataset}._")
             return 0
         current = read_readme(args.readme)
         expected = render_readme(current, results, assets_dir, args.readme.parent)
