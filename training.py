@@ -385,25 +385,38 @@ class JsonlLog:
                 self.wandb_run.log({f"{record_type}/{k}": v for k, v in values.items()
                                     if isinstance(v, (int, float))}, step=values.get("step"))
             except Exception as e:  # a logging backend must never stop training
-                print(f"warning: wandb logging failed ({e}); continuing without wandb", file=sys.stderr)
+                print(f"warning: wandb logging failed ({_one_line(e)}); continuing without wandb", file=sys.stderr)
                 self.wandb_run = None
 
 
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def init_wandb(cfg, run_name: str, out_dir: Path):
-    """wandb only when asked; never prompts; offline without an API key; any failure -> disabled."""
+    """wandb only when asked, and never in the way: offline without an API key; when online start-up fails
+    (no network, bad key: after at most init_timeout seconds) it logs offline instead, and when that fails
+    too the run goes on without wandb. Either way one warning line says so."""
     try:
         import wandb
     except ImportError:
         print("warning: --wandb given but wandb is not installed; continuing without it", file=sys.stderr)
         return None
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    try:
-        return wandb.init(project="vae-mdl", name=run_name, config=asdict(cfg), dir=str(out_dir), mode=mode,
-                          resume="allow", settings=wandb.Settings(silent=True, init_timeout=60))
-    except Exception as e:
-        print(f"warning: wandb could not start ({type(e).__name__}: {e}); continuing without wandb",
-              file=sys.stderr)
-        return None
+    first_error = None
+    for attempt in [mode, "offline"] if mode == "online" else [mode]:
+        try:
+            run = wandb.init(project="vae-mdl", name=run_name, config=asdict(cfg), dir=str(out_dir), mode=attempt,
+                             resume="allow", settings=wandb.Settings(silent=True, init_timeout=30))
+        except Exception as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            print(f"warning: wandb could not start online ({_one_line(first_error)}); logging offline under "
+                  f"{out_dir / 'wandb'} instead (upload later with `wandb sync`)", file=sys.stderr)
+        return run
+    print(f"warning: wandb could not start ({_one_line(first_error)}); continuing without wandb", file=sys.stderr)
+    return None
 
 
 # ----------------------------------------------------------------------------- evaluation
