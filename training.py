@@ -668,6 +668,9 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     # Distribution argument checks cost a host sync each and would turn a NaN into an exception;
     # inputs come from data.py, and non-finite values must reach the skip logic of the loop instead.
     torch.distributions.Distribution.set_default_validate_args(False)
+    # SIGINT/SIGTERM outside the training steps (loading, evaluation) stop at once with a message; the
+    # training loop defers them to the end of the step in progress (see train).
+    previous_handlers = {sig: signal.signal(sig, _interrupt_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = rung.config_class.from_dict(vars(args))
         if cfg.quick:
@@ -683,6 +686,15 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt_now(signum, frame):
+    raise Interrupted(f"{signal.Signals(signum).name} received outside a training step: stopped. Files in the "
+                      f"out-dir are whole (every write is atomic); run the same command again to continue from "
+                      f"the last checkpoint.", signum)
 
 
 def _prepare_out_dir(path: Path, is_main: bool):
