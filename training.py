@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -317,29 +318,78 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_bytes(path: Path, payload: bytes):
-    """Write to a temp file in the same directory, fsync, then rename: readers see old or new, never half."""
+def _write_atomically(path: Path, write):
+    """Run write(file) on a temp file in the same directory, fsync, then rename over `path`: readers, and a
+    crash at any moment, see the old file or the new one, never half of one. A write that raises (a signal,
+    a full disk) removes its temp file; one killed outright leaves it, see remove_stale_temp_files."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, payload: bytes):
+    _write_atomically(path, lambda f: f.write(payload))
 
 
 def atomic_write_json(path: Path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def atomic_torch_save(obj, path: Path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+_checkpoint_saves = 0  # atomic_torch_save calls so far in this process (for the fault injection below)
+
+
+def _inject_kill_during_save(f):
+    """Fault injection for tests: VAE_INJECT_KILL_DURING_SAVE=N SIGKILLs this process when its N-th checkpoint
+    save (ckpt.pt or best.pt, in the order the run writes them) has put half of the file into its temp file."""
+    global _checkpoint_saves
+    _checkpoint_saves += 1
+    if os.environ.get("VAE_INJECT_KILL_DURING_SAVE") == str(_checkpoint_saves):
+        f.truncate(f.tell() // 2)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path: Path):
+    def write(f):
+        torch.save(obj, f)
+        _inject_kill_during_save(f)
+
+    _write_atomically(path, write)
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files (.<name>.tmp<pid>, .write-test<pid>) that killed processes left in `directory`.
+    The files they were to replace are intact; the temps only take space. Those of live processes stay."""
+    removed = []
+    for tmp in directory.glob(".*"):
+        match = re.fullmatch(r"\..+\.tmp(\d+)|\.write-test(\d+)", tmp.name)
+        if match is None or not tmp.is_file():
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == os.getpid() or _process_exists(pid):  # a write in progress (or a reused pid): leave it
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def atomic_copy(src: Path, dst: Path):
