@@ -116,7 +116,8 @@ class TrainConfig:
 # Keys that may change between a checkpoint and the run that resumes or re-evaluates it.
 RUN_CONTROL_KEYS = {"data_dir", "out_dir", "device", "log_every", "checkpoint_every", "max_train_minutes",
                     "publish", "resume", "wandb", "eval_only", "checkpoint", "eval_samples", "n_test",
-                    "eval_chunk", "compile", "epochs", "max_steps", "figures_only"}
+                    "eval_chunk", "compile", "epochs", "max_steps", "figures_only",
+                    "max_consecutive_skips"}  # only where a run stops, never what it computes
 # Of those, the ones --eval-only takes from the command line (the rest come from the checkpoint).
 EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed"}
 
@@ -201,6 +202,7 @@ def validate_config(cfg: TrainConfig):
         (cfg.n_test >= 0, f"--n-test must be >= 0, got {cfg.n_test}"),
         (0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
+        (cfg.max_consecutive_skips >= 1, f"--max-consecutive-skips must be >= 1, got {cfg.max_consecutive_skips}"),
         (not (cfg.eval_only and not cfg.checkpoint), "--eval-only needs --checkpoint PATH"),
         (not (cfg.eval_only and cfg.resume), "--eval-only and --resume exclude each other"),
         (not (cfg.figures_only and not cfg.eval_only), "--figures-only needs --eval-only --checkpoint PATH"),
@@ -931,13 +933,18 @@ def train(rung: Rung, cfg, argv) -> int:
     ckpt_path, best_path, result_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "result.json"
 
     # Resume rules: an unfinished run in out_dir continues (with or without --resume); a finished one
-    # is never overwritten; --resume with nothing to resume is an error.
+    # (result.json) is never overwritten without --resume; --resume with nothing to resume is an error.
+    # All checks come before anything is written.
     resume_state = None
+    if result_path.exists() and not cfg.resume:
+        raise UserError(f"out-dir {out_dir} holds a finished run (result.json). Use --eval-only --checkpoint "
+                        f"{best_path} to re-evaluate it, or choose a new --out-dir.")
     if ckpt_path.exists():
-        if result_path.exists() and not cfg.resume:
-            raise UserError(f"out-dir {out_dir} holds a finished run (result.json). Use --eval-only --checkpoint "
-                            f"{best_path} to re-evaluate it, or choose a new --out-dir.")
         resume_state = load_checkpoint(ckpt_path, rung.name)
+        if resume_state.get("optimizer") is None:
+            raise UserError(f"checkpoint {ckpt_path} holds no optimizer state (a best.pt or weights-only copy?), "
+                            f"so training cannot continue from it; evaluate it with --eval-only --checkpoint, or "
+                            f"choose a new --out-dir.")
         diffs = config_differences(resume_state["config"], asdict(cfg), RUN_CONTROL_KEYS)
         if diffs:
             raise UserError(f"checkpoint {ckpt_path} comes from a different config ({'; '.join(diffs)}). "
@@ -967,14 +974,21 @@ def train(rung: Rung, cfg, argv) -> int:
 
     step, n_skipped, best_val, best_step, train_time_prev = 0, 0, -math.inf, -1, 0.0
     commit = git_commit()  # the code that trains these weights; a resumed run keeps its first commit
+    if dist_info.is_main:
+        for tmp in remove_stale_temp_files(out_dir):
+            print(f"removed {tmp}, left by an interrupted write")
     if resume_state is not None:
         commit = resume_state.get("git_commit", commit)
-        model.load_state_dict(resume_state["model"])
-        if ema_model is not None:
-            ema_model.load_state_dict(resume_state["ema"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        batcher.load_state_dict(resume_state["batcher"])
-        set_rng_state(resume_state["rng"])
+        try:
+            model.load_state_dict(resume_state["model"])
+            if ema_model is not None:
+                ema_model.load_state_dict(resume_state["ema"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            batcher.load_state_dict(resume_state["batcher"])
+            set_rng_state(resume_state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. the model's code changed since
+            raise UserError(f"checkpoint {ckpt_path} does not fit this {rung.name}.py ({_one_line(e)[:300]}); "
+                            f"resume with the code that wrote it (commit {commit}), or choose a new --out-dir.") from None
         step, n_skipped = resume_state["step"], resume_state["n_skipped"]
         if dist_info.rank > 0:  # the checkpoint holds process 0's RNG state: draw distinct noise elsewhere
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_info.rank, step]).generate_state(1)[0]))
@@ -998,6 +1012,9 @@ def train(rung: Rung, cfg, argv) -> int:
     if dist_info.is_main and resume_state is None:
         log.write("config", step=0, model=rung.name, run_name=name, device=device_name(device),
                   command=" ".join(["python", f"{rung.name}.py", *argv]), git_commit=commit, config=asdict(cfg))
+    elif dist_info.is_main:  # records after this one replace those of later steps written before the stop
+        log.write("resume", step=step, command=" ".join(["python", f"{rung.name}.py", *argv]),
+                  git_commit=git_commit())
 
     def checkpoint_state():
         return {"format": CHECKPOINT_FORMAT, "model_name": rung.name, "run_name": name, "config": asdict(cfg),
@@ -1006,12 +1023,17 @@ def train(rung: Rung, cfg, argv) -> int:
                 "optimizer": optimizer.state_dict(), "batcher": batcher.state_dict(), "rng": rng_state(),
                 "step": step, "epochs": step / batcher.steps_per_epoch,
                 "n_skipped": n_skipped + int(meters.skipped.item()),
+                "consecutive_skips": int(meters.consecutive_skips.item()), "last_finite_metrics": last_finite,
                 "best_val_bound_nats": best_val, "best_step": best_step,
                 "train_time_s": train_time_prev + (time.time() - t_train)}
 
+    saved_step = resume_state["step"] if resume_state is not None else None
+
     def save_checkpoint():
+        nonlocal saved_step
         if dist_info.is_main:
             atomic_torch_save(checkpoint_state(), ckpt_path)
+        saved_step = step
 
     # Stop signals: finish the current step, checkpoint, exit non-zero (see Interrupted).
     stop_signal = []
@@ -1031,7 +1053,10 @@ def train(rung: Rung, cfg, argv) -> int:
     amp = cfg.amp and device.type == "cuda"
     meters = StepMeters(device)
     ema = (ema_model, model) if ema_model is not None else None
-    last_finite = {}
+    last_finite = {}  # the last log record with a taken update, for the message if the run must stop
+    if resume_state is not None:  # a streak of skips goes on across the interruption
+        meters.consecutive_skips.fill_(resume_state.get("consecutive_skips", 0))
+        last_finite = resume_state.get("last_finite_metrics") or {}
     t_train, t_log, step_log = time.time(), time.time(), step
     stop_reason = None
     check_every = min(cfg.log_every, cfg.max_consecutive_skips)  # consecutive skips are read this often
@@ -1118,11 +1143,14 @@ def train(rung: Rung, cfg, argv) -> int:
         raise Interrupted(f"{name_of} received: stopped after step {step}, checkpoint written to {ckpt_path}. "
                           f"Run the same command again (or add --resume) to continue.", signum)
     if stop_reason == "skips":
-        first_bad = step - cfg.max_consecutive_skips + 1
-        message = (f"error: {cfg.max_consecutive_skips} consecutive updates were skipped (non-finite or huge loss or "
-                   f"gradient) from about step {first_bad} to step {step}; stopping. Last finite metrics: "
-                   f"{json.dumps(last_finite)}. The last good checkpoint {ckpt_path} (and {best_path}) is kept; "
-                   f"lower --lr or raise --grad-clip and resume.")
+        # Skipped updates leave weights and optimizer untouched, so the last checkpoint holds good weights.
+        kept = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "no checkpoint (none was written yet)"
+        message = (f"error: {consecutive} consecutive updates were skipped (non-finite loss or gradient, or gradient "
+                   f"norm above --skip-threshold {cfg.skip_threshold:g}) from step {step - consecutive + 1} to step "
+                   f"{step}; stopping. Last finite metrics: {json.dumps(last_finite)}. Kept: {kept}"
+                   f"{' and ' + str(best_path) if best_path.exists() else ''}. To retry from there, rerun the same "
+                   f"command (with a larger --max-consecutive-skips if the fault may pass); to change the "
+                   f"optimisation (e.g. a lower --lr or --grad-clip), start a new --out-dir.")
         if dist_info.is_main:
             log.write("stop", step=step, reason="consecutive_skips", skipped_total=n_skipped)
             print(message, file=sys.stderr)
