@@ -571,6 +571,8 @@ def save_figures(model, test: data_lib.Split, out_dir: Path, prefix: str, seed: 
         torch.manual_seed(seed)
         x = test.to_float(test.images[:64])
         grids = {"imgs": x, "recs": model.reconstruct(x), "samples": model.sample(64)}
+        if hasattr(model, "extra_figure_grids"):  # optional: {kind: images [64, C, H, W]}, kind without "_"
+            grids.update(model.extra_figure_grids(x))
     model.train(was_training)
     paths = []
     for kind, images in grids.items():
@@ -656,8 +658,14 @@ def train_step(train_model, optimizer: torch.optim.Optimizer, params: list, x: t
         group["lr"] = lr
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = train_model(x, cfg.importance_samples)  # dict of [k, B_local]
-    bound = bound_per_image(log_weights(out, get_kl_weight(step, cfg)), cfg.objective)
+    kl_weight = get_kl_weight(step, cfg)
+    bound = bound_per_image(log_weights(out, kl_weight), cfg.objective)
     loss = -bound.mean()
+    free_bits = getattr(cfg, "free_bits", 0.0)  # optional, per stochastic layer (Kingma et al. 2016)
+    if free_bits > 0 and "kl_per_layer" in out:
+        # the ELBO's KL term of a layer whose batch-mean KL is below free_bits becomes the constant free_bits
+        kl = out["kl_per_layer"].float().mean(dim=1)  # [L, B] -> [L]
+        loss = loss + kl_weight * (kl.clamp_min(free_bits) - kl).sum()
     if poison:
         loss = loss * float("nan")
     optimizer.zero_grad(set_to_none=True)
@@ -703,6 +711,7 @@ class Rung:
     run_suffix: callable = None  # (cfg) -> str appended to the run name
     latent_layers: callable = None  # (cfg) -> int
     quick: callable = quick_overrides  # (cfg) -> dict of overrides for --quick
+    extra_metrics: callable = None  # (model, test Split, cfg) -> dict of extra result.json entries
 
 
 def run_name(rung: Rung, cfg) -> str:
@@ -854,6 +863,8 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
     summary = summarize(ll, data.info.num_dims, data.info.binary)
     prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
     figures = save_figures(model, test, out_dir, prefix, seed=cfg.seed)
+    if rung.extra_metrics is not None:  # the rung's own analysis of the same test images
+        extra = {**extra, **rung.extra_metrics(model, test, cfg)}
     result = _result_record(rung, cfg, name, data.info, summary, len(test),
                             {**extra, "eval_time_s": round(eval_time, 1), "figure_prefix": prefix}, device,
                             time.time() - t_start, argv, commit)
