@@ -1,0 +1,400 @@
+"""model04: a top-down hierarchical VAE with a mixture of discretized logistics.
+
+Hypothesis: as model03, but with a mixture of discretized logistics p(x|z) (RGB channels
+autoregressive within a pixel) and several stochastic layers instead of one: a top-down hierarchy
+p(z_1) p(z_2|z_1) ... p(z_L|z_<L) p(x|z), with spatial latents at two or more resolutions, gives a
+better test log-likelihood than one latent vector -- on binarized MNIST (Bernoulli p(x|z)) the goal
+is L_5000 <= -80.0 nats, against about -85 for model01's single layer; on 8-bit data a lower
+bits/dim than model03. Trained and evaluated like every rung: the importance-weighted bound with
+k samples per image in every stochastic layer, and L_5000 on the test set.
+
+Architecture (a ladder / VDVAE-style model; layers are numbered from the top, l = 1 is coarsest):
+  bottom-up, once per image:  x -> 3x3 conv -> residual block (H) -> [2x2 average pool -> residual
+      blocks] per resolution H/2, H/4, ... -> features a_r at every latent resolution r
+  top-down, on k*B rows (k importance samples of each of B images):  a learned state h at the
+      coarsest resolution; at each stochastic layer l (at resolution r, upsampling h when r grows)
+          prior      p(z_l | z_<l)    = N(mu_p, sigma_p)          from h
+          posterior  q(z_l | x, z_<l) = N(mu_p + dmu, sigma_p * exp(dlog_sigma))   from h and a_r
+          z_l ~ q (or ~ p when sampling);  h <- residual block(h + state update + 1x1 conv(z_l))
+      The posterior is a correction of the prior (as in NVAE): at initialisation q = p, so no layer
+      starts with a KL to pay. Log-scales are soft-clamped (+-LOG_SCALE_BOUND) so exp() stays finite.
+  output: h upsampled to H x W -> 3x3 conv -> 1x1 conv -> the likelihood's parameters per pixel:
+      bernoulli         1 logit per pixel (binary data sets)
+      logistic-mixture  K-component PixelCNN++ mixture, K (1 + 2C + C(C-1)/2) channels (8-bit sets)
+  The features a_r enter the posterior through a conv applied once per image, broadcast over the
+  k samples; everything in the top-down pass runs once on all k*B rows, no loop over samples.
+
+What the bound means. In evaluation (validation, the test L_S, `evaluate_bound`) and in training
+with k > 1 and --objective iwae, log p(z) and log q(z|x) are the log-densities of the sampled
+latents, summed over layers, so log w = log p(x|z) + log p(z) - log q(z|x) is an importance weight
+and L_S a real bound. With k = 1 or --objective vae, training uses the k-sample ELBO, for which the
+KL of each layer can be taken analytically given the sampled layers above (lower variance, same
+expectation): then `log_pz` holds -sum_l KL_l and `log_qz` is 0 (their difference is what the loop
+uses); --no-analytic-kl turns it off.
+
+What keeps it trainable (each a flag): KL warm-up (--kl-warmup-steps), free bits per layer
+(--free-bits, on the batch-mean KL of each layer; ELBO objectives only), gradient clipping and
+skipping of huge or non-finite updates (--grad-clip, --skip-threshold), and an EMA of the weights
+that is what gets evaluated and drawn (--ema-decay). result.json gains per-layer KL (nats) and
+active units (units whose posterior mean varies over the test images by more than 0.01), so a
+collapsed layer shows.
+
+    python model04.py                                                 # binarized MNIST, CUDA if present
+    python model04.py --dataset fashion-mnist                         # 8-bit: mixture of logistics
+    python model04.py --quick --data-dir ../shared/data               # about a minute on 2 CPU cores
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import data as data_lib
+import training
+from distributions import (bernoulli_likelihood, diagonal_gaussian, kl_independent_normals,
+                           mixture_from_decoder_output, num_mixture_params)
+from layers import ResidualBlock, downsample, merge_samples, soft_clamp, unmerge_samples, upsample_to
+
+LIKELIHOODS = ["bernoulli", "logistic-mixture"]
+LOG_SCALE_BOUND = 5.0  # latent log-scales (and the posterior's log-scale correction) stay in (-5, 5)
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: a unit is active if Var_x(E_q[u | x]) > 0.01
+ACTIVE_UNIT_SAMPLES = 10  # samples of the layers above, averaged for E_q[z_l | x] in a hierarchy
+
+
+def default_likelihood(dataset: str) -> str:
+    return "bernoulli" if data_lib.DATASETS[dataset].binary else "logistic-mixture"
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config(training.TrainConfig):
+    dataset: str = "binarized-mnist"  # dynamic binarization, as model01
+    likelihood: str | None = None  # None: bernoulli for binary data sets, logistic-mixture for 8-bit ones
+    mixture_components: int = 10  # K of the logistic mixture (PixelCNN++ used 10 for CIFAR-10)
+    min_log_scale: float = -7.0  # floor of the mixture's log-scales (pixel units; 1 bin = 1/255 ~ e^-5.5)
+    latent_layers: int = 6  # L stochastic layers, spread over the resolutions (coarsest first)
+    downsamplings: int = 3  # latent resolutions H/2 ... H/2^D: 14, 7, 4 for MNIST; 16, 8, 4 for 32x32
+    latent_channels: int = 16  # latent units per position of every layer
+    width: int = 64  # channels of the deterministic paths
+    encoder_blocks: int = 2  # residual blocks per resolution in the bottom-up pass
+    blocks_per_layer: int = 1  # residual blocks after each stochastic layer in the top-down pass
+    analytic_kl: bool = True  # ELBO training (k = 1 or --objective vae): analytic KL per layer
+    free_bits: float = 0.0  # > 0: nats per layer below which its batch-mean KL is not penalised
+    sample_temperature: float = 0.7  # prior temperature of the extra sample figure
+    # training: the ELBO with analytic KL, as in LVAE / VDVAE; L_5000 at the end
+    importance_samples: int = 1
+    objective: str = "vae"
+    kl_warmup_steps: int = 10000  # ~ the first 20 epochs
+    epochs: int = 150
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 1000
+    grad_clip: float = 200.0
+    skip_threshold: float = 3000.0
+    ema_decay: float = 0.9995  # ~ the last 2000 steps
+    val_every: int = 2300  # ~ every 5 epochs: a 100-sample validation costs a third of an epoch
+    eval_chunk: int = 16384  # latent samples per evaluation pass: 3 images x 5000 samples
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise training.UserError(message)
+
+        check(self.dataset in data_lib.DATASETS, f"unknown dataset {self.dataset!r}")
+        binary = data_lib.DATASETS[self.dataset].binary
+        check(self.likelihood is None or self.likelihood in LIKELIHOODS,
+              f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+        likelihood = self.likelihood or default_likelihood(self.dataset)
+        check(not (likelihood == "bernoulli" and not binary),
+              f"--likelihood bernoulli models {{0,1}} pixels, but {self.dataset} has 8-bit pixels: use "
+              f"--likelihood logistic-mixture (the default for it), or a binarized data set.")
+        check(not (likelihood == "logistic-mixture" and binary),
+              f"--likelihood logistic-mixture is a pmf over 256 levels, but {self.dataset} has {{0,1}} pixels: "
+              f"use --likelihood bernoulli (the default for it), or an 8-bit data set.")
+        check(self.downsamplings >= 1, f"--downsamplings must be >= 1, got {self.downsamplings}")
+        check(self.latent_layers >= self.downsamplings,
+              f"--latent-layers ({self.latent_layers}) must be >= --downsamplings ({self.downsamplings}): "
+              f"every latent resolution gets at least one stochastic layer")
+        side = min(data_lib.DATASETS[self.dataset].shape[1:])
+        check(side / 2 ** self.downsamplings >= 2,
+              f"--downsamplings {self.downsamplings} would shrink {side}x{side} images below 2x2")
+        for name in ("latent_channels", "width", "mixture_components", "encoder_blocks", "blocks_per_layer"):
+            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check(self.free_bits >= 0, f"--free-bits must be >= 0, got {self.free_bits}")
+        check(not (self.free_bits > 0 and self.objective == "iwae" and self.importance_samples > 1),
+              "--free-bits shapes the per-layer KL of the ELBO; with --objective iwae and k > 1 the loss is "
+              "not a sum of per-layer KLs. Use --objective vae, -k 1, or --free-bits 0.")
+        check(0 < self.sample_temperature <= 1, f"--sample-temperature must be in (0, 1], got {self.sample_temperature}")
+
+
+# ----------------------------------------------------------------------------- model
+def layer_resolutions(latent_layers: int, downsamplings: int) -> list[int]:
+    """Resolution index d (1..D: the image side halved d times) of every layer, top (coarsest) first.
+
+    Layers are spread evenly over the D resolutions; the coarser ones take the remainder.
+    E.g. L = 6, D = 3: [3, 3, 2, 2, 1, 1] -> 4x4, 4x4, 7x7, 7x7, 14x14, 14x14 for 28x28 images.
+    """
+    per_resolution = [latent_layers // downsamplings + (1 if i < latent_layers % downsamplings else 0)
+                      for i in range(downsamplings)]  # coarsest first
+    return [downsamplings - i for i, n in enumerate(per_resolution) for _ in range(n)]
+
+
+class TopDownLayer(nn.Module):
+    """One stochastic layer of the top-down pass, at one resolution r x r.
+
+    Input: the top-down state h [N, w, r, r] (N = k*B rows, sample-major) and, unless sampling from
+    the prior, the bottom-up features a [B, w, r, r] of the B images. Output: the new state and the
+    layer's prior, posterior (None when sampling) and sample z [N, c, r, r].
+    """
+
+    def __init__(self, width: int, latent_channels: int, blocks: int, out_scale: float):
+        super().__init__()
+        self.latent_channels = latent_channels
+        c = latent_channels
+        # prior head: mean and log-scale of p(z_l | z_<l) and an update of the state, from h
+        self.prior_net = nn.Sequential(nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                                       nn.Conv2d(width, 2 * c + width, 1))
+        # posterior head: conv(h) + conv(a) (the latter once per image), then the correction of the prior
+        self.posterior_from_state = nn.Conv2d(width, width, 3, padding=1)
+        self.posterior_from_data = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.posterior_out = nn.Sequential(nn.SiLU(), nn.Conv2d(width, 2 * c, 1))
+        self.z_to_state = nn.Conv2d(c, width, 1)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, out_scale=out_scale) for _ in range(blocks)])
+        with torch.no_grad():
+            last = self.prior_net[-1]
+            last.weight[:2 * c].mul_(0.1)  # prior starts near N(0, 1)
+            last.weight[2 * c:].mul_(out_scale)  # residual updates of the state start small
+            self.posterior_out[-1].weight.zero_()  # q = p at initialisation: no KL to pay at the start
+            self.posterior_out[-1].bias.zero_()
+            self.z_to_state.weight.mul_(out_scale)
+
+    def forward(self, h, k: int, features=None, temperature: float = 1.0):
+        c = self.latent_channels
+        prior_mean, prior_log_scale, state_update = self.prior_net(h).split([c, c, h.shape[1]], dim=1)
+        prior_log_scale = soft_clamp(prior_log_scale.float(), LOG_SCALE_BOUND)
+        prior = diagonal_gaussian(prior_mean, prior_log_scale, event_dims=3)  # batch [N], event [c, r, r]
+        if features is None:  # sampling from the (tempered) prior
+            posterior = None
+            z = prior.base_dist.loc + temperature * prior.base_dist.scale * torch.randn_like(prior.base_dist.loc)
+        else:
+            # [k, B, w, r, r] + [B, w, r, r]: the image's features broadcast over its k samples
+            hidden = unmerge_samples(self.posterior_from_state(nn.functional.silu(h)), k) \
+                + self.posterior_from_data(nn.functional.silu(features))
+            delta_mean, delta_log_scale = self.posterior_out(merge_samples(hidden)).float().split([c, c], dim=1)
+            posterior = diagonal_gaussian(prior.base_dist.loc + delta_mean,
+                                          prior_log_scale + soft_clamp(delta_log_scale, LOG_SCALE_BOUND), event_dims=3)
+            z = posterior.rsample()  # [N, c, r, r], float32
+        h = self.blocks(h + state_update + self.z_to_state(z))
+        return h, prior, posterior, z
+
+
+class HierarchicalVAE(nn.Module):
+    channels_last = True  # NHWC convs: faster on GPUs (tensor cores) and, for few channels, on CPUs too
+
+    def __init__(self, cfg: Config, info):
+        super().__init__()
+        self.image_shape = info.shape  # (C, H, W)
+        self.likelihood_name = cfg.likelihood or default_likelihood(cfg.dataset)
+        self.mixture_components = cfg.mixture_components
+        self.min_log_scale = cfg.min_log_scale
+        self.analytic_kl_in_training = cfg.analytic_kl and (cfg.importance_samples == 1 or cfg.objective == "vae")
+        self.sample_temperature = cfg.sample_temperature
+        channels, height, width_px = info.shape
+        w = cfg.width
+        # resolution d = 0 (the image), 1, ..., D: sides halved (rounded up) d times
+        self.resolutions = [(height, width_px)]
+        for _ in range(cfg.downsamplings):
+            self.resolutions.append(tuple(math.ceil(s / 2) for s in self.resolutions[-1]))
+        self.layer_resolution = layer_resolutions(cfg.latent_layers, cfg.downsamplings)
+        n_blocks = 1 + cfg.downsamplings * cfg.encoder_blocks + cfg.latent_layers * (1 + cfg.blocks_per_layer)
+        out_scale = 1.0 / math.sqrt(n_blocks)  # keeps the residual streams' variance bounded at init
+        # bottom-up
+        self.stem = nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), ResidualBlock(w, out_scale=out_scale))
+        self.encoder_stages = nn.ModuleList([
+            nn.Sequential(*[ResidualBlock(w, out_scale=out_scale) for _ in range(cfg.encoder_blocks)])
+            for _ in range(cfg.downsamplings)])
+        # top-down
+        self.top_state = nn.Parameter(torch.zeros(1, w, *self.resolutions[self.layer_resolution[0]]))
+        self.layers = nn.ModuleList([TopDownLayer(w, cfg.latent_channels, cfg.blocks_per_layer, out_scale)
+                                     for _ in range(cfg.latent_layers)])
+        if self.likelihood_name == "bernoulli":
+            out_channels = channels  # one logit per pixel
+        else:
+            out_channels = num_mixture_params(channels, cfg.mixture_components)
+        self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(w, w // 2 or 1, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(w // 2 or 1, out_channels, 1))
+        self.to(memory_format=torch.channels_last)  # on every device (training.py converts only on CUDA)
+
+    # --- the two passes
+    def encode(self, x) -> list[torch.Tensor]:
+        """Bottom-up, once per image: x [B, C, H, W] -> features [B, w, *resolution d] for d = 1..D."""
+        x = x.contiguous(memory_format=torch.channels_last)  # [B, C, H, W] stored as NHWC, like the weights
+        h = self.stem(x * 2.0 - 1.0)  # pixels centred on 0
+        features = []
+        for stage in self.encoder_stages:
+            h = stage(downsample(h))
+            features.append(h)
+        return features
+
+    def top_down(self, k: int, batch: int, features=None, temperature: float = 1.0):
+        """Top-down on k*batch rows -> (final state [k*batch, w, H/2, W/2], [(prior, posterior, z)] per layer,
+        top first). features None: every z_l ~ p(z_l | z_<l) at `temperature`, else z_l ~ q."""
+        h = self.top_state.expand(k * batch, *self.top_state.shape[1:])
+        per_layer = []
+        for layer, d in zip(self.layers, self.layer_resolution):
+            if tuple(h.shape[-2:]) != self.resolutions[d]:
+                h = upsample_to(h, self.resolutions[d])
+            h, prior, posterior, z = layer(h, k, None if features is None else features[d - 1], temperature)
+            per_layer.append((prior, posterior, z))
+        return h, per_layer
+
+    def pixel_distribution(self, h, k: int):
+        """p(x|z) from the final state [k*B, w, r, r] -> distribution with batch [k, B], event [C, H, W]."""
+        raw = unmerge_samples(self.head(upsample_to(h, self.resolutions[0])), k)  # [k, B, P, H, W]
+        if self.likelihood_name == "bernoulli":
+            return bernoulli_likelihood(raw)
+        return mixture_from_decoder_output(raw, self.image_shape[0], self.mixture_components, self.min_log_scale)
+
+    # --- the model contract of training.py
+    def forward(self, x, k: int, analytic_kl: bool | None = None):
+        """x [B, C, H, W] -> dict of [k, B]: log_px_z, log_pz, log_qz; and kl_per_layer [L, B] (mean over k).
+
+        analytic_kl None: analytic in training when the objective is an ELBO (see the module docstring);
+        then log_pz = -sum_l KL_l and log_qz = 0. Evaluation always uses the sampled log-densities.
+        """
+        if analytic_kl is None:
+            analytic_kl = self.training and self.analytic_kl_in_training
+        features = self.encode(x)
+        h, per_layer = self.top_down(k, x.shape[0], features)
+        log_px_z = self.pixel_distribution(h, k).log_prob(x)  # [k, B]
+        kl_terms, log_pz, log_qz = [], 0.0, 0.0
+        for prior, posterior, z in per_layer:
+            if analytic_kl:
+                kl_terms.append(unmerge_samples(kl_independent_normals(posterior, prior), k))  # [k, B]
+            else:
+                log_p = unmerge_samples(prior.log_prob(z), k)
+                log_q = unmerge_samples(posterior.log_prob(z), k)
+                log_pz, log_qz = log_pz + log_p, log_qz + log_q
+                kl_terms.append(log_q - log_p)  # single-sample KL estimate, [k, B]
+        kl_per_layer = torch.stack(kl_terms)  # [L, k, B]
+        if analytic_kl:
+            log_pz, log_qz = -kl_per_layer.sum(0), torch.zeros_like(log_px_z)
+        return {"log_px_z": log_px_z, "log_pz": log_pz, "log_qz": log_qz, "kl_per_layer": kl_per_layer.mean(1)}
+
+    def _pixel_mean(self, px):
+        return px.mean[0].clamp(0, 1)  # [1, B, C, H, W] -> [B, C, H, W]
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Means of p(x|z) at one z ~ q(z|x) (all layers)."""
+        h, _ = self.top_down(1, x.shape[0], self.encode(x))
+        return self._pixel_mean(self.pixel_distribution(h, 1))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0):
+        """Means of p(x|z) at z ~ p(z) (every layer at `temperature` times its prior scale)."""
+        h, _ = self.top_down(1, n, None, temperature)
+        return self._pixel_mean(self.pixel_distribution(h, 1))
+
+    @torch.no_grad()
+    def extra_figure_grids(self, x) -> dict:
+        """An extra figure for training.save_figures: prior samples at a lower temperature."""
+        return {f"samples-t{self.sample_temperature:g}": self.sample(x.shape[0], self.sample_temperature)}
+
+
+# ----------------------------------------------------------------------------- per-layer statistics
+@torch.no_grad()
+def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config) -> dict:
+    """Per stochastic layer over the images of `split`, for result.json (seeded, RNG-neutral):
+
+    kl_nats       mean KL(q(z_l | x, z_<l) || p(z_l | z_<l)), analytic given draws of the layers above
+    active_units  units u with Var_x(E_q[z_l,u | x]) > ACTIVE_UNIT_THRESHOLD (Burda et al.'s count)
+    In a hierarchy E_q[z_l | x] averages the posterior mean over the layers above: it is estimated
+    from S = ACTIVE_UNIT_SAMPLES draws, and the variance over images of that S-draw average is
+    debiased by subtracting the mean within-image variance / S (else the draws' own noise would
+    count as activity, e.g. in a layer whose q equals its prior).
+    """
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    n, s = len(split), ACTIVE_UNIT_SAMPLES
+    images_per_pass = max(1, (cfg.eval_chunk or 16384) // s)
+    num_layers = len(model.layers)
+    kl_sum = [0.0] * num_layers
+    mean_sum, mean_sq_sum, within_sum = [0.0] * num_layers, [0.0] * num_layers, [0.0] * num_layers  # per unit
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 2)
+        for start in range(0, n, images_per_pass):
+            x = split.to_float(split.images[start:start + images_per_pass])
+            _, per_layer = model.top_down(s, x.shape[0], model.encode(x))
+            for i, (prior, posterior, _) in enumerate(per_layer):
+                kl_sum[i] += unmerge_samples(kl_independent_normals(posterior, prior), s).mean(0).sum().item()
+                draws = unmerge_samples(posterior.mean, s).flatten(2).double()  # [S, B, units]
+                mean = draws.mean(0)  # [B, units]: E_q[z_l | x] estimated from S draws
+                mean_sum[i] = mean_sum[i] + mean.sum(0)
+                mean_sq_sum[i] = mean_sq_sum[i] + (mean * mean).sum(0)
+                within_sum[i] = within_sum[i] + draws.var(0).sum(0)  # unbiased over the S draws
+    model.train(was_training)
+    stats = []
+    for i, d in enumerate(model.layer_resolution):
+        variance = mean_sq_sum[i] / n - (mean_sum[i] / n) ** 2 - within_sum[i] / n / s  # [units]
+        r = model.resolutions[d]
+        stats.append({"layer": i + 1, "resolution": f"{r[0]}x{r[1]}", "units": int(variance.numel()),
+                      "kl_nats": kl_sum[i] / n, "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum())})
+    return {"latent_layer_stats": stats,
+            "active_units_total": sum(x["active_units"] for x in stats),
+            "latent_units_total": sum(x["units"] for x in stats),
+            "active_unit_threshold": ACTIVE_UNIT_THRESHOLD, "latent_stats_samples": s,
+            "latent_stats_images": n}
+
+
+# ----------------------------------------------------------------------------- entry point
+def quick_overrides(cfg: Config) -> dict:
+    """--quick: a real but tiny run, about a minute on 2 CPU cores (a narrow model, few steps)."""
+    return {**training.quick_overrides(cfg), "max_steps": 200, "batch_size": 32, "width": 16, "latent_channels": 4,
+            "encoder_blocks": 1, "kl_warmup_steps": 100, "warmup_steps": 20, "ema_decay": 0.98,
+            "val_every": 200, "n_test": 200, "eval_samples": 50, "eval_chunk": 1024, "checkpoint_every": 200}
+
+
+RUNG = training.Rung(name="model04", config_class=Config, build_model=HierarchicalVAE,
+                     likelihood=lambda cfg, info: cfg.likelihood or default_likelihood(cfg.dataset),
+                     run_suffix=lambda cfg: f"_L{cfg.latent_layers}", latent_layers=lambda cfg: cfg.latent_layers,
+                     quick=quick_overrides, extra_metrics=latent_statistics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_args(parser, d)
+    a = parser.add_argument
+    a("--likelihood", default=None, choices=LIKELIHOODS,
+      help="p(x|z): bernoulli (default for binarized sets) or logistic-mixture (default for 8-bit sets)")
+    a("--mixture-components", type=int, default=d.mixture_components,
+      help=f"components K of the logistic mixture (default {d.mixture_components})")
+    a("--min-log-scale", type=float, default=d.min_log_scale,
+      help=f"floor of the mixture's log-scales in pixel units (default {d.min_log_scale})")
+    a("--latent-layers", type=int, default=d.latent_layers,
+      help=f"stochastic layers L, spread over the latent resolutions (default {d.latent_layers})")
+    a("--downsamplings", type=int, default=d.downsamplings,
+      help=f"latent resolutions H/2 .. H/2^D (default {d.downsamplings}: 14, 7, 4 for 28x28)")
+    a("--latent-channels", type=int, default=d.latent_channels,
+      help=f"latent units per position in every layer (default {d.latent_channels})")
+    a("--width", type=int, default=d.width, help=f"channels of the deterministic paths (default {d.width})")
+    a("--encoder-blocks", type=int, default=d.encoder_blocks,
+      help=f"residual blocks per resolution, bottom-up (default {d.encoder_blocks})")
+    a("--blocks-per-layer", type=int, default=d.blocks_per_layer,
+      help=f"residual blocks after each stochastic layer, top-down (default {d.blocks_per_layer})")
+    a("--no-analytic-kl", dest="analytic_kl", action="store_false",
+      help="ELBO training with sampled log p(z) - log q(z|x) instead of the analytic KL per layer")
+    a("--free-bits", type=float, default=d.free_bits,
+      help="nats per layer of batch-mean KL that cost nothing (0: off; ELBO objectives only)")
+    a("--sample-temperature", type=float, default=d.sample_temperature,
+      help=f"prior temperature of the extra sample figure (default {d.sample_temperature})")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(training.main(RUNG, build_parser()))
