@@ -274,6 +274,8 @@ def test_consecutive_skip_count_survives_resume(in_process, monkeypatch, data_di
     assert status == 3, err
     # 5 skips before the checkpoint at 30 + 5 after it: the limit of 10 is reached at step 35.
     assert "10 consecutive updates were skipped" in err and "from step 26 to step 35" in err
+    assert '"step": 25' in err.split("Last finite metrics: ")[1]  # remembered across the resume
+    assert read_log(out)[-1] == {**read_log(out)[-1], "type": "stop", "step": 35, "skipped_total": 10}
 
 
 # ----------------------------------------------------------------------------- bad input
