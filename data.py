@@ -27,7 +27,8 @@ Data root: `--data-dir`, else $VAE_DATA_DIR, else ./data, laid out as torchvisio
 Files are read in place (a read-only copy works) and checked against the originals' md5 sums;
 missing files are downloaded through torchvision where a network exists, else a DataError names
 the files and the directory. VAE_DATA_VERIFY=0 skips the md5 checks, for the synthetic CIFAR-10 /
-SVHN files the tests write (no colour data set exists on the development machines).
+SVHN files the tests write (no colour data set exists on the development machines);
+VAE_DATA_DOWNLOAD=0 never tries a download (offline machines: fail at once instead of waiting on DNS).
 """
 import gzip
 import hashlib
@@ -126,6 +127,14 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def _try_download(fetch):
+    """Run a torchvision download; VAE_DATA_DOWNLOAD=0 (offline machines, the tests) skips it, since
+    a download attempt without a network can wait tens of seconds on DNS before failing."""
+    if os.environ.get("VAE_DATA_DOWNLOAD", "1") == "0":
+        raise RuntimeError("downloads disabled by VAE_DATA_DOWNLOAD=0")
+    fetch()
+
+
 def _missing(root: Path, names: list[str], how: str, cause: Exception | None = None) -> DataError:
     detail = f" (download failed: {type(cause).__name__}: {cause})" if cause is not None else ""
     return DataError(
@@ -170,7 +179,7 @@ def _load_idx_dataset(root: Path, folder: str) -> tuple[np.ndarray, np.ndarray]:
 
     if any(find(s) is None for s in wanted):
         try:  # torchvision downloads into <root>/<folder>/raw and verifies md5
-            cls(str(root), train=True, download=True)
+            _try_download(lambda: cls(str(root), train=True, download=True))
         except Exception as e:  # no network, read-only root, ...
             raise _missing(raw_dir, [f"{s}.gz" for s in wanted],
                            f"Copy the original {folder} files there.", e) from None
@@ -205,7 +214,7 @@ def _load_static_binarized(root: Path) -> dict[str, np.ndarray]:
         if path is None:
             try:
                 from torchvision.datasets.utils import download_url
-                download_url(AMAT_URL.format(split), str(folder), md5=AMAT_MD5[split])
+                _try_download(lambda: download_url(AMAT_URL.format(split), str(folder), md5=AMAT_MD5[split]))
                 path = folder / name
             except Exception as e:
                 raise _missing(folder, [f"binarized_mnist_{s}.amat.gz" for s in ("train", "valid", "test")],
@@ -238,7 +247,7 @@ def _load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray]:
     names = [n for n, _ in cls.train_list + cls.test_list]
     if not all((folder / n).exists() for n in names):
         try:
-            cls(str(root), train=True, download=True)
+            _try_download(lambda: cls(str(root), train=True, download=True))
         except Exception as e:
             raise _missing(folder, names, "Copy the CIFAR-10 python version there "
                            "(or cifar-10-python.tar.gz into its parent).", e) from None
@@ -265,7 +274,7 @@ def _load_svhn(root: Path) -> tuple[np.ndarray, np.ndarray]:
     if not all((folder / n).exists() for n in names):
         try:
             for s in ("train", "test"):
-                torchvision.datasets.SVHN(str(folder), split=s, download=True)
+                _try_download(lambda: torchvision.datasets.SVHN(str(folder), split=s, download=True))
         except Exception as e:
             raise _missing(folder, names, "Copy the SVHN cropped-digits files there.", e) from None
 
@@ -316,7 +325,7 @@ def load_data(name: str, data_dir: str | Path | None = None, device="cpu", val_s
             dynamic = True
 
     def to_split(a, dyn=False):
-        return Split(torch.from_numpy(np.ascontiguousarray(a)).to(device), info.binary, dyn)
+        return Split(torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).to(device), info.binary, dyn)
 
     return Data(info, to_split(train, dynamic), to_split(val), to_split(test), root)
 

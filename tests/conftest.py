@@ -11,6 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# No test downloads data: without a network each attempt waits on DNS for tens of seconds.
+os.environ["VAE_DATA_DOWNLOAD"] = "0"
 
 
 def _real_data_dir() -> Path | None:
