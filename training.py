@@ -173,7 +173,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     a("--publish", action="store_true", help="copy figures to assets/ and result.json to results/")
     a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
     a("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
-    a("--eval-only", action="store_true", help="evaluate --checkpoint and redraw its figures; no training")
+    a("--eval-only", action="store_true",
+      help="evaluate --checkpoint and redraw its figures, no training; writes into --out-dir "
+           "(default: eval_<checkpoint name>/ beside the checkpoint)")
     a("--checkpoint", default=None, help="checkpoint file for --eval-only")
     a("--figures-only", action="store_true",
       help="with --eval-only: redraw the checkpoint's seeded figures (and copy them to assets/ with --publish); "
@@ -893,7 +895,9 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
                                        "wandb": False, "publish": cfg.publish, "figures_only": cfg.figures_only})
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info)
-    out_dir = Path(cfg.out_dir) if "out_dir" in given else Path(cfg.checkpoint).resolve().parent
+    # Default: a folder beside the checkpoint, so the training run's own result.json is never replaced.
+    checkpoint = Path(cfg.checkpoint).resolve()
+    out_dir = Path(cfg.out_dir) if "out_dir" in given else checkpoint.parent / f"eval_{checkpoint.stem}"
     _prepare_out_dir(out_dir, dist_info.is_main)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
     model = prepare_model(rung.build_model(cfg, data.info), device)
