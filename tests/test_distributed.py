@@ -1,0 +1,182 @@
+"""torchrun: 2 processes (gloo on CPU) train exactly what one process trains on the same global batch.
+
+The importance samples differ between processes and a single process (each draws its own noise), so
+the exact comparison uses a test rung without sampling (every "importance sample" is the encoder's
+output): then 2 x 20 images per step must give the parameters of 1 x 40 images per step to float
+tolerance. That checks the batch sharding, DDP's gradient averaging, the skip logic (a NaN on one
+process only must skip the step on both, as the NaN in the global batch skips it in one process),
+the EMA, the sharded validation and test evaluation with gather, and that only process 0 writes: the
+test rung records every file each process opens for writing or renames into place. model01 itself
+then runs under torchrun for a few steps, to show the real script works distributed.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+TINY_RUNG = textwrap.dedent('''
+    """A deterministic rung for the torchrun test: no sampling, so any process layout gives the same run."""
+    import argparse, builtins, io, os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from torch import nn
+    import training
+
+    RANK = os.environ.get("RANK", "0")
+    _open, _replace = builtins.open, os.replace
+
+    def _note(path):  # every write of this process, one path per line
+        with _open(os.path.join({record_dir!r}, f"writes_rank{{RANK}}.txt"), "a") as f:
+            f.write(f"{{path}}\\n")
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            _note(file)
+        return _open(file, mode, *args, **kwargs)
+
+    def recording_replace(src, dst, *args, **kwargs):
+        _note(dst)
+        return _replace(src, dst, *args, **kwargs)
+
+    builtins.open = io.open = recording_open  # pathlib, PIL and torch.save all open through these
+    os.replace = recording_replace
+
+    if RANK == os.environ.get("TINY_NAN_RANK"):  # fault injection on this process only
+        os.environ["VAE_INJECT_NAN"] = os.environ["TINY_NAN_STEP"]
+
+
+    class Deterministic(nn.Module):
+        """z = encoder(x) for every importance sample; log q(z|x) = 0; Bernoulli-style log p(x|z)."""
+
+        def __init__(self, cfg, info):
+            super().__init__()
+            self.image_shape = info.shape
+            self.encoder = nn.Linear(info.num_dims, 4)
+            self.decoder = nn.Linear(4, info.num_dims)
+
+        def forward(self, x, k):
+            z = self.encoder(x.flatten(1))  # [B, 4]
+            logits = self.decoder(torch.tanh(z))  # [B, D]
+            log_px_z = -nn.functional.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="none").sum(1)
+            log_pz = -0.5 * (z ** 2).sum(1)
+            return {{"log_px_z": log_px_z.expand(k, -1), "log_pz": log_pz.expand(k, -1),
+                     "log_qz": torch.zeros(k, x.shape[0], device=x.device)}}  # each [k, B]
+
+        def reconstruct(self, x):
+            return torch.sigmoid(self.decoder(torch.tanh(self.encoder(x.flatten(1))))).reshape(-1, *self.image_shape)
+
+        def sample(self, n):
+            z = torch.linspace(-2, 2, n * 4).reshape(n, 4)
+            return torch.sigmoid(self.decoder(torch.tanh(z))).reshape(n, *self.image_shape)
+
+
+    RUNG = training.Rung(name="tiny", config_class=training.TrainConfig, build_model=Deterministic,
+                         likelihood=lambda cfg, info: "bernoulli-test")
+
+    if __name__ == "__main__":
+        parser = argparse.ArgumentParser()
+        training.add_common_args(parser, training.TrainConfig(dataset="mnist"))
+        sys.exit(training.main(RUNG, parser))
+''')
+
+TRAIN_FLAGS = ["--dataset", "mnist", "--device", "cpu", "--max-steps", "6", "--batch-size", "40", "--lr", "0.01",
+               "--lr-schedule", "constant", "--log-every", "2", "--checkpoint-every", "3", "--val-every", "3",
+               "--val-samples", "2", "--eval-samples", "3", "--n-test", "31", "--ema-decay", "0.5"]
+NAN_STEP = "3"  # step index whose loss is NaN (on process 1 only under torchrun; in the whole batch otherwise)
+EXPECTED_FILES = {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json", "tiny_imgs.png", "tiny_recs.png",
+                  "tiny_samples.png"}
+
+
+def torchrun(script, *args, env=None, timeout=300):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def failure(proc) -> str:
+    """The workers' own error (torchrun's summary at the end of stderr hides it) and the output tails."""
+    start = proc.stderr.find("Traceback")
+    return (proc.stderr[start:start + 4000] if start >= 0 else "") + "\n...\n" + proc.stdout[-1500:] + proc.stderr[-1500:]
+
+
+def records(out_dir, record_type):
+    lines = (out_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == record_type]
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, data_dir):
+    record_dir = tmp_path / "writes"
+    record_dir.mkdir()
+    script = tmp_path / "tiny.py"
+    script.write_text(TINY_RUNG.format(root=str(ROOT), record_dir=str(record_dir)))
+    single, double = tmp_path / "single", tmp_path / "double"
+    flags = [*TRAIN_FLAGS, "--data-dir", data_dir]
+
+    one = run_script(str(script), *flags, "--out-dir", single, env={"VAE_INJECT_NAN": NAN_STEP, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, failure(one)
+    (record_dir / "writes_rank0.txt").rename(record_dir / "single_process.txt")
+    two = torchrun(script, *flags, "--out-dir", double, env={"TINY_NAN_RANK": "1", "TINY_NAN_STEP": NAN_STEP})
+    assert two.returncode == 0, failure(two)
+
+    # parameters, EMA and optimizer state after 6 steps (one of them skipped) agree to float tolerance
+    a = torch.load(single / "ckpt.pt", weights_only=False)
+    b = torch.load(double / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert a["n_skipped"] == b["n_skipped"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=1e-4, atol=1e-6)
+    best_a = torch.load(single / "best.pt", weights_only=False)
+    best_b = torch.load(double / "best.pt", weights_only=False)
+    assert best_a["best_step"] == best_b["best_step"] and best_a["step"] == best_b["step"]
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert state_a["step"].item() == state_b["step"].item() == 5  # the NaN step moved nothing
+        torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+    # the logged (global-batch) losses, validation and test bounds agree; the test set was split and gathered
+    for kind, field in (("train", "loss"), ("val", "val_bound_nats")):
+        values_a = [r[field] for r in records(single, kind)]
+        values_b = [r[field] for r in records(double, kind)]
+        assert len(values_a) == len(values_b) > 0
+        assert [v is None for v in values_a] == [v is None for v in values_b]
+        assert values_b == pytest.approx(values_a, rel=1e-5)
+    result_a, result_b = (json.loads((d / "result.json").read_text()) for d in (single, double))
+    assert (result_a["world_size"], result_b["world_size"]) == (1, 2)
+    assert result_a["n_test"] == result_b["n_test"] == 31
+    assert result_b["test_ll_nats"] == pytest.approx(result_a["test_ll_nats"], rel=1e-5)
+    assert result_b["test_ll_stderr"] == pytest.approx(result_a["test_ll_stderr"], rel=1e-4)
+
+    # only process 0 wrote, each record once
+    assert not (record_dir / "writes_rank1.txt").exists(), (record_dir / "writes_rank1.txt").read_text()
+    written = (record_dir / "writes_rank0.txt").read_text().split()
+    assert written and all(p.startswith(str(double)) for p in written)
+    assert {os.path.basename(p) for p in written} >= EXPECTED_FILES
+    assert {p.name for p in double.iterdir()} == {p.name for p in single.iterdir()} == EXPECTED_FILES
+    for kind in ("config", "done", "test"):
+        assert len(records(double, kind)) == 1
+    assert len(records(double, "train")) == len(records(single, "train")) == 3
+    assert two.stdout.count("test L_3 on 31 images") == 1
+
+
+def test_model01_under_torchrun(tmp_path, data_dir):
+    out = tmp_path / "run"
+    proc = torchrun("model01.py", "--data-dir", data_dir, "--device", "cpu", "--max-steps", "4", "--batch-size", "20",
+                    "--val-every", "4", "--val-samples", "2", "--n-test", "10", "--eval-samples", "5",
+                    "--log-every", "2", "--out-dir", out)
+    assert proc.returncode == 0, failure(proc)
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["n_test"] == 10 and result["steps"] == 4
+    assert -800 < result["test_ll_nats"] < -100  # an untrained model on binarized MNIST: about -540 nats
+    assert result["n_skipped"] == 0
+    for kind, count in (("config", 1), ("train", 2), ("val", 1), ("done", 1), ("test", 1)):
+        assert len(records(out, kind)) == count, kind
+    assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json",
+                                              "model01_imgs.png", "model01_recs.png", "model01_samples.png"}
+    assert proc.stdout.count("test L_5 on 10 images") == 1
