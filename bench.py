@@ -1,0 +1,532 @@
+"""bench.py: how fast the shared loop trains and evaluates, measured against a naive reference in the same run.
+
+For every model in REGISTRY (one entry per rung) and on one device, in one process:
+  train  images/s of our step -- training.train_step fed by data.Batcher, exactly what `train` runs:
+         device-resident data batched by index, all k samples in one decoder pass, no host sync,
+         bf16 autocast on CUDA, fused Adam with the skip decided on the device -- against a naive
+         step on the same architecture, batch and k: a torch DataLoader over CPU tensors with a
+         host->device copy per batch, one decoder pass per importance sample in a Python loop, fp32,
+         plain (for-loop) Adam, torch.distributions' default argument validation, and the skip
+         decided on the host (`.item()`).
+  eval   importance samples/s of training.evaluate_bound (samples folded into large chunks, a
+         streaming log-sum-exp) against the naive loop, one decoder pass per sample.
+  memory peak during each phase. CUDA: torch.cuda.max_memory_allocated (reset before the phase).
+         CPU: the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs
+         before the phase); it includes the data set, both models and the Python runtime.
+  syncs  ops per training step that read a device value on the host (.item(), bool(tensor),
+         nonzero, ...) and host<->device copies, counted by a torch dispatch mode.
+Timings exclude warm-up; variants alternate inside every repeat (so a changing background load hits
+both alike) and the medians over repeats are reported.
+
+    python bench.py --device cpu --threads 2     # writes results/bench_cpu.json
+    python bench.py --device cuda                # writes results/bench_<gpu>.json, e.g. bench_h100.json
+
+Adding a rung: one REGISTRY entry (its script, the data set to run on, config overrides and, if it
+has one, its naive per-sample forward).
+"""
+import argparse
+import datetime
+import importlib
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import data as data_lib
+import training
+from distributions import diagonal_gaussian, log_mean_exp
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- naive forward passes
+
+
+def naive_forward_model01(model, x: torch.Tensor, k: int) -> dict:
+    """model01's forward written naively: the encoder once, then one decoder pass per importance sample."""
+    q = diagonal_gaussian(*model.posterior(model.encoder(x)))  # batch [B], event [L]
+    prior = model.prior(x.device)
+    per_sample = {"log_px_z": [], "log_pz": [], "log_qz": []}
+    for _ in range(k):  # the loop that merge_samples removes
+        z = q.rsample()  # [B, L]
+        per_sample["log_px_z"].append(model.likelihood(z).log_prob(x))  # [B]
+        per_sample["log_pz"].append(prior.log_prob(z))
+        per_sample["log_qz"].append(q.log_prob(z))
+    return {key: torch.stack(values) for key, values in per_sample.items()}  # each [k, B]
+
+
+def naive_forward_generic(model, x: torch.Tensor, k: int) -> dict:
+    """Any rung, naively: the whole model once per importance sample (the encoder is re-run too)."""
+    outs = [model(x, 1) for _ in range(k)]  # k dicts of [1, B]
+    return {key: torch.cat([o[key] for o in outs]) for key in ("log_px_z", "log_pz", "log_qz")}  # [k, B]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    script: str  # module name of the rung, e.g. "model01"
+    dataset: str  # data set the benchmark trains on
+    overrides: dict = field(default_factory=dict)  # config fields other than batch size and k
+    naive_forward: callable = naive_forward_generic  # (model, x, k) -> dict of [k, B]
+
+
+REGISTRY = {
+    "model01": BenchModel("model01", "binarized-mnist", naive_forward=naive_forward_model01),
+}
+
+
+def available_models() -> list[str]:
+    """Registry entries whose script exists in this checkout."""
+    return [name for name, spec in REGISTRY.items() if (REPO_ROOT / f"{spec.script}.py").exists()]
+
+
+# ----------------------------------------------------------------------------- measuring tools
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts ops that make the host wait for the device: scalar reads (.item(), bool(t), int(t)),
+    data-dependent shapes (nonzero, masked_select, boolean indexing) and host<->device copies.
+    Counting is device-independent, so a CPU run shows what would stall a GPU."""
+
+    SCALAR_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
+                    "_unique2", "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ("index", "index_put", "index_put_") and self._boolean_index(args):
+            name += "[bool mask]"  # t[mask] runs nonzero inside the kernel: a data-dependent shape
+        elif not (name in self.SCALAR_READS
+                  or (name in ("_to_copy", "copy_") and self._crosses_host(name, args, kwargs))):
+            return func(*args, **kwargs)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _boolean_index(args) -> bool:
+        indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+    @staticmethod
+    def _crosses_host(name, args, kwargs) -> bool:
+        if name == "copy_":
+            devices = {args[0].device.type, args[1].device.type}
+        else:
+            target = kwargs.get("device")
+            devices = {args[0].device.type, (target.type if target is not None else args[0].device.type)}
+        return "cpu" in devices and len(devices) > 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_host_syncs(fn) -> dict:
+    """Run fn() once under HostSyncCounter; on CUDA also under torch's own sync debug mode."""
+    counter = HostSyncCounter()
+    cuda_warnings = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with counter:
+                fn()
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.set_sync_debug_mode("default")
+                cuda_warnings = sum("synchroniz" in str(w.message) for w in caught)
+    return {"total": counter.total, "by_op": dict(sorted(counter.counts.items())),
+            "cuda_sync_debug_warnings": cuda_warnings}
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_proc_kib(field_name: str) -> int | None:
+    try:
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory of a phase (see the module docstring for what is measured on each device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = self._method()
+
+    def _method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated during the phase (bytes of tensors)"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            if _read_proc_kib("VmHWM") is not None:
+                return "peak resident set size of the whole process during the phase (VmHWM after /proc/self/clear_refs)"
+        except OSError:
+            pass
+        return "peak resident set size of the process since it started (ru_maxrss; not reset per phase)"
+
+    def reset(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif "clear_refs" in self.method:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def current_bytes(self) -> int:
+        """What the phase starts from: allocated tensors (CUDA) or the resident set (CPU)."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return int(torch.cuda.memory_allocated(self.device))
+        rss = _read_proc_kib("VmRSS")
+        return rss * 1024 if rss is not None else 0
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if "clear_refs" in self.method:
+            return _read_proc_kib("VmHWM") * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def interleaved_timings(runners: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of every runner in every repeat; the order alternates between repeats."""
+    names = list(runners)
+    seconds = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            synchronize(device)
+            t0 = time.perf_counter()
+            runners[name]()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+# ----------------------------------------------------------------------------- the two training steps
+
+
+class OurTraining:
+    """training.train_step fed by data.Batcher, built the way training.train builds them."""
+
+    def __init__(self, model, cfg, data, device, compile_model: bool = False):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = training.make_optimizer(self.params, cfg)
+        self.batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed)
+        self.meters = training.StepMeters(device)
+        self.amp = cfg.amp and device.type == "cuda"
+        self.train_model = torch.compile(model) if compile_model else model
+        self.step_count = 0
+
+    def step(self):
+        training.train_step(self.train_model, self.optimizer, self.params, self.batcher.next(), self.cfg,
+                            self.step_count, 10 ** 9, self.meters, self.amp)
+        self.step_count += 1
+
+    def finite(self) -> bool:
+        return self.meters.skipped.item() == 0
+
+
+class NaiveTraining:
+    """The straightforward loop: DataLoader on the host, per-sample decoder loop, fp32, plain Adam."""
+
+    def __init__(self, model, cfg, data, device, naive_forward):
+        self.model, self.cfg, self.device, self.naive_forward = model, cfg, device, naive_forward
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
+                                          foreach=False, fused=False)
+        train = data.train
+        self.images_cpu = train.images.cpu()  # uint8 [N, C, H, W] in host memory
+        self.to_float = train.to_float
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.images_cpu),
+                                                  batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                                  generator=generator)
+        self.batches = iter(self.loader)
+        self.n_skipped = 0
+
+    def next_batch(self) -> torch.Tensor:
+        try:
+            (images,) = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            (images,) = next(self.batches)
+        return self.to_float(images).to(self.device)  # binarize / scale on the host, then copy
+
+    def step(self):
+        x = self.next_batch()
+        out = self.naive_forward(self.model, x, self.cfg.importance_samples)
+        log_w = out["log_px_z"] + out["log_pz"] - out["log_qz"]  # [k, B]
+        loss = -log_mean_exp(log_w, dim=0).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if math.isfinite(loss.item()) and grad_norm.item() <= self.cfg.skip_threshold:  # decided on the host
+            self.optimizer.step()
+        else:
+            self.n_skipped += 1
+
+    def finite(self) -> bool:
+        return self.n_skipped == 0
+
+
+@torch.no_grad()
+def naive_evaluate(model, split: data_lib.Split, num_samples: int, naive_forward) -> torch.Tensor:
+    """L_S per image with one decoder pass per importance sample (all S log-weights held, [S, B])."""
+    model.eval()
+    x = split.to_float(split.images)
+    out = naive_forward(model, x, num_samples)
+    model.train()
+    return log_mean_exp(out["log_px_z"] + out["log_pz"] - out["log_qz"], dim=0).double().cpu()
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def build(spec: BenchModel, args, data, device):
+    module = importlib.import_module(spec.script)
+    rung = module.RUNG
+    cfg = rung.config_class.from_dict({**asdict(rung.config_class()), **spec.overrides,
+                                       "dataset": spec.dataset, "batch_size": args.batch_size,
+                                       "importance_samples": args.importance_samples, "seed": args.seed})
+    torch.manual_seed(args.seed)
+    model = training.prepare_model(rung.build_model(cfg, data.info), device)
+    return rung, cfg, model
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, data_cache: dict) -> dict:
+    if spec.dataset not in data_cache:
+        data_cache[spec.dataset] = data_lib.load_data(spec.dataset, args.data_dir, device)
+    data = data_cache[spec.dataset]
+    rung, cfg, model_ours = build(spec, args, data, device)
+    _, _, model_naive = build(spec, args, data, device)  # the same initial weights, its own optimizer
+    n_params = sum(p.numel() for p in model_ours.parameters())
+    ours = OurTraining(model_ours, cfg, data, device)
+    naive = NaiveTraining(model_naive, cfg, data, device, spec.naive_forward)
+    variants = {"ours": ours, "naive": naive}
+    if args.compile:
+        _, _, model_compiled = build(spec, args, data, device)
+        variants["ours_compiled"] = OurTraining(model_compiled, cfg, data, device, compile_model=True)
+    validate = {"ours": False, "naive": True, "ours_compiled": False}  # training.main switches validation off
+
+    def runner(variant_name):
+        variant = variants[variant_name]
+
+        def run():
+            torch.distributions.Distribution.set_default_validate_args(validate[variant_name])
+            for _ in range(args.steps):
+                variant.step()
+        return run
+
+    print(f"[{name}] {n_params:,} parameters, batch {cfg.batch_size}, k={cfg.importance_samples}, "
+          f"{args.steps} steps x {args.repeats} repeats after {args.warmup_steps} warm-up steps", flush=True)
+    result = {"script": f"{spec.script}.py", "dataset": spec.dataset, "parameters": n_params,
+              "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
+              "naive_forward": spec.naive_forward.__name__, "train": {}, "eval": {}}
+
+    # host syncs of one step each (after one step, so lazily created state exists)
+    for variant_name, variant in variants.items():
+        if variant_name == "ours_compiled":
+            continue
+        torch.distributions.Distribution.set_default_validate_args(validate[variant_name])
+        variant.step()
+        synchronize(device)
+        result["train"].setdefault(variant_name, {})["host_syncs_per_step"] = count_host_syncs(variant.step)
+
+    # warm-up, then peak memory over a repeat's worth of steps, then the timed repeats
+    for variant_name, variant in variants.items():
+        torch.distributions.Distribution.set_default_validate_args(validate[variant_name])
+        for _ in range(args.warmup_steps):
+            variant.step()
+        synchronize(device)
+        memory.reset()
+        start = memory.current_bytes()
+        runner(variant_name)()
+        result["train"].setdefault(variant_name, {}).update(
+            {"memory_at_start_bytes": start, "peak_memory_bytes": memory.peak_bytes()})
+    seconds = interleaved_timings({n: runner(n) for n in variants}, args.repeats, device)
+    torch.distributions.Distribution.set_default_validate_args(False)
+    images = args.steps * cfg.batch_size
+    for variant_name, variant in variants.items():
+        per_repeat = [images / s for s in seconds[variant_name]]
+        result["train"][variant_name].update({
+            "images_per_s": median(per_repeat), "images_per_s_repeats": [round(v, 1) for v in per_repeat],
+            "ms_per_step": 1000 * median(seconds[variant_name]) / args.steps, "all_steps_finite": variant.finite()})
+    result["train"]["speedup"] = result["train"]["ours"]["images_per_s"] / result["train"]["naive"]["images_per_s"]
+    if args.compile:
+        result["train"]["speedup_compiled"] = (result["train"]["ours_compiled"]["images_per_s"]
+                                               / result["train"]["naive"]["images_per_s"])
+
+    # evaluation: both estimators on the same trained-for-a-few-steps weights and the same test images
+    test = data.test.subset(args.eval_images)
+    chunk = training._eval_chunk_size(cfg, device)
+    eval_model = model_ours
+    lls = {}
+
+    def eval_runner(variant_name):
+        def run():
+            if variant_name == "ours":
+                torch.distributions.Distribution.set_default_validate_args(False)
+                lls["ours"] = training.evaluate_bound(eval_model, test, args.eval_samples, seed=args.seed,
+                                                      chunk=chunk)
+            else:
+                torch.distributions.Distribution.set_default_validate_args(True)
+                lls["naive"] = naive_evaluate(eval_model, test, args.eval_samples, spec.naive_forward)
+        return run
+
+    print(f"[{name}] evaluation: {args.eval_images} test images x {args.eval_samples} importance samples, "
+          f"{args.eval_repeats} repeats", flush=True)
+    for variant_name in ("ours", "naive"):  # warm-up and peak memory
+        memory.reset()
+        start = memory.current_bytes()
+        eval_runner(variant_name)()
+        result["eval"][variant_name] = {"memory_at_start_bytes": start, "peak_memory_bytes": memory.peak_bytes()}
+    seconds = interleaved_timings({n: eval_runner(n) for n in ("ours", "naive")}, args.eval_repeats, device)
+    torch.distributions.Distribution.set_default_validate_args(False)
+    samples = args.eval_images * args.eval_samples
+    for variant_name in ("ours", "naive"):
+        per_repeat = [samples / s for s in seconds[variant_name]]
+        result["eval"][variant_name].update({
+            "samples_per_s": median(per_repeat), "samples_per_s_repeats": [round(v, 1) for v in per_repeat],
+            "ll_nats": lls[variant_name].mean().item()})
+    result["eval"].update({"eval_samples": args.eval_samples, "eval_images": args.eval_images, "chunk_latents": chunk,
+                           "speedup": result["eval"]["ours"]["samples_per_s"] / result["eval"]["naive"]["samples_per_s"]})
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def device_slug(device: torch.device) -> str:
+    """cpu, or the GPU's model: 'NVIDIA H100 80GB HBM3' -> h100, 'NVIDIA A100-SXM4-80GB' -> a100."""
+    if device.type == "cpu":
+        return "cpu"
+    tokens = [t for t in re.split(r"[^a-z0-9]+", torch.cuda.get_device_name(device).lower())
+              if t and t not in ("nvidia", "geforce", "tesla", "rtx")]
+    with_digit = [t for t in tokens if any(c.isdigit() for c in t)]
+    return (with_digit or tokens or ["cuda"])[0]
+
+
+def print_table(report: dict):
+    unit = "MiB"
+    print(f"\ndevice: {report['device']}   torch {report['torch_version']}   threads {report['threads']}")
+    print(f"{'model':8} {'phase':6} {'variant':14} {'rate':>14} {'peak mem':>12} {'host syncs/step':>16}")
+    for name, res in report["models"].items():
+        for variant, v in res["train"].items():
+            if not isinstance(v, dict):
+                continue
+            syncs = v.get("host_syncs_per_step", {}).get("total", "-")
+            print(f"{name:8} {'train':6} {variant:14} {v['images_per_s']:>9.0f} im/s "
+                  f"{v['peak_memory_bytes'] / 2**20:>8.0f} {unit} {syncs:>16}")
+        for variant in ("ours", "naive"):
+            v = res["eval"][variant]
+            print(f"{name:8} {'eval':6} {variant:14} {v['samples_per_s']:>7.0f} samp/s "
+                  f"{v['peak_memory_bytes'] / 2**20:>8.0f} {unit} {'':>16}")
+        line = f"{name}: training {res['train']['speedup']:.2f}x the naive step"
+        if "speedup_compiled" in res["train"]:
+            line += f" ({res['train']['speedup_compiled']:.2f}x with torch.compile)"
+        line += (f"; evaluation {res['eval']['speedup']:.2f}x the naive per-sample loop "
+                 f"(L_{res['eval']['eval_samples']} on {res['eval']['eval_images']} images: "
+                 f"{res['eval']['ours']['ll_nats']:.2f} vs {res['eval']['naive']['ll_nats']:.2f} nats)")
+        print(line)
+    print(f"peak memory: {report['memory_measure']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present, else CPU")
+    a("--models", nargs="+", default=None, choices=list(REGISTRY),
+      help="models to measure (default: every registry entry whose script exists)")
+    a("--batch-size", type=int, default=100, help="training batch size (default 100, model01's)")
+    a("--importance-samples", "-k", type=int, default=5, help="importance samples k per image in training (default 5)")
+    a("--steps", type=int, default=20, help="timed training steps per repeat (default 20)")
+    a("--warmup-steps", type=int, default=5, help="untimed training steps per variant first (default 5)")
+    a("--repeats", type=int, default=5, help="timed repeats of the training steps; the median is reported (default 5)")
+    a("--eval-samples", type=int, default=5000, help="importance samples per test image (default 5000)")
+    a("--eval-images", type=int, default=None,
+      help="test images evaluated per repeat (default: 10 on CPU, 100 on CUDA)")
+    a("--eval-repeats", type=int, default=3, help="timed repeats of the evaluation (default 3)")
+    a("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    a("--compile", action="store_true", help="also time our step with torch.compile (compile time excluded)")
+    a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--out", default=None, help="JSON report path (default results/bench_<device>.json, e.g. bench_cpu.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        for flag in ("batch_size", "importance_samples", "steps", "repeats", "eval_samples", "eval_repeats"):
+            if getattr(args, flag) < 1:
+                raise training.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.warmup_steps < 0 or args.threads < 0 or (args.eval_images is not None and args.eval_images < 1):
+            raise training.UserError("--warmup-steps and --threads must be >= 0 and --eval-images >= 1")
+        device = training.resolve_device(args.device, training.DistInfo())
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.eval_images is None:
+            args.eval_images = 100 if device.type == "cuda" else 10
+        models = args.models or available_models()
+        missing = [m for m in models if m not in available_models()]
+        if missing:
+            raise training.UserError(f"{', '.join(missing)}: no such script in {REPO_ROOT}")
+        memory = PeakMemory(device)
+        report = {
+            "command": " ".join(["python", "bench.py", *argv]),
+            "git_commit": training.git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": training.device_name(device), "device_type": device.type,
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2),  # other processes share the machine
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
+            "memory_measure": memory.method,
+            "models": {},
+        }
+        data_cache = {}
+        for name in models:
+            report["models"][name] = bench_model(name, REGISTRY[name], args, device, memory, data_cache)
+        report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    except (training.UserError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else REPO_ROOT / "results" / f"bench_{device_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    training.atomic_write_json(out, report)
+    print_table(report)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

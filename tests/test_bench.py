@@ -1,0 +1,152 @@
+"""bench.py: a tiny real run writes a well-formed report; the training step has no host synchronisation.
+
+Speed itself is only measured by bench.py (no timing assertions here). What is checked: the report's
+structure and internal consistency, that the naive reference computes the same model as ours, and
+that training.train_step never reads a device value on the host (counted by bench.HostSyncCounter,
+which works on CPU too), while the counter does catch such reads.
+"""
+import json
+
+import pytest
+import torch
+
+import bench
+import data as data_lib
+import training
+from conftest import run_script
+
+
+def small_model01(seed=0):
+    import model01
+
+    cfg = model01.Config(hidden=32, latent_dim=8, batch_size=16, importance_samples=3)
+    torch.manual_seed(seed)
+    return model01.IWAE(cfg, data_lib.DATASETS["binarized-mnist"]), cfg
+
+
+def dynamic_split(n=32) -> data_lib.Split:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return data_lib.Split(images, binary=True, dynamic_binarize=True)
+
+
+@pytest.fixture
+def no_validation():
+    """training.main switches torch.distributions' argument checks off; restore the default afterwards."""
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    yield
+    torch.distributions.Distribution.set_default_validate_args(before)
+
+
+def test_counter_catches_host_reads():
+    t = torch.ones(3)
+    counter = bench.HostSyncCounter()
+    with counter:
+        t.sum().item()
+        bool((t > 0).all())
+        t[t > 0]  # boolean indexing: a data-dependent shape
+        t[torch.tensor([0, 2])] = 0.0  # integer indexing: no read
+        (t * 2).exp()  # no read
+    assert counter.counts == {"_local_scalar_dense": 2, "index[bool mask]": 1}
+
+
+def test_train_step_reads_nothing_on_the_host(no_validation):
+    model, cfg = small_model01()
+    params = [p for p in model.parameters()]
+    optimizer = training.make_optimizer(params, cfg)
+    batcher = data_lib.Batcher(dynamic_split(), cfg.batch_size, seed=0)
+    meters = training.StepMeters(torch.device("cpu"))
+    ema_model = small_model01()[0].requires_grad_(False)
+    before = [p.detach().clone() for p in params]
+
+    def steps(start, n):
+        for step in range(start, start + n):
+            training.train_step(model, optimizer, params, batcher.next(), cfg, step, 100, meters, amp=False,
+                                ema=(ema_model, model), poison=step == 3)
+
+    steps(0, 2)  # optimizer state exists from here on
+    syncs = bench.count_host_syncs(lambda: steps(2, 3))  # crosses an epoch boundary (2 batches per epoch)
+    assert syncs["total"] == 0, syncs
+    assert meters.skipped.item() == 1 and meters.taken.item() == 4  # the poisoned step was skipped on the device
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, params))
+
+
+def test_distribution_validation_would_sync():
+    """Why training.main turns argument validation off: with it, every log_prob reads the device."""
+    model, cfg = small_model01()
+    x = dynamic_split(8).to_float(dynamic_split(8).images)
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        syncs = bench.count_host_syncs(lambda: model(x, 2))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)
+    assert syncs["total"] > 0
+
+
+def test_naive_forward_computes_the_same_model(no_validation):
+    """With one sample both draw the same noise, so the naive per-sample loop must match model01 exactly."""
+    model, _ = small_model01()
+    x = dynamic_split(8).to_float(dynamic_split(8).images)
+    torch.manual_seed(3)
+    ours = model(x, 1)
+    torch.manual_seed(3)
+    naive = bench.naive_forward_model01(model, x, 1)
+    for key in ("log_px_z", "log_pz", "log_qz"):
+        assert naive[key].shape == ours[key].shape == (1, 8)
+        torch.testing.assert_close(naive[key], ours[key])
+    generic = bench.naive_forward_generic(model, x, 4)
+    assert all(generic[key].shape == (4, 8) for key in ("log_px_z", "log_pz", "log_qz"))
+
+
+def test_device_slug(monkeypatch):
+    for name, slug in [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                       ("Tesla V100-SXM2-16GB", "v100"), ("NVIDIA GeForce RTX 4090", "4090")]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.device_slug(torch.device("cuda", 0)) == slug
+    assert bench.device_slug(torch.device("cpu")) == "cpu"
+
+
+def test_bad_settings_exit_2(capsys):
+    assert bench.main(["--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "tpu"])
+    assert exit_info.value.code == 2
+
+
+def test_tiny_real_run_writes_a_consistent_report(tmp_path, data_dir):
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cpu", "--threads", "1", "--batch-size", "20", "--steps", "2", "--repeats", "2",
+             "--warmup-steps", "1", "--eval-samples", "30", "--eval-images", "3", "--eval-repeats", "1",
+             "--data-dir", data_dir, "--out", out]
+    proc = run_script("bench.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("command", "git_commit", "date", "device", "torch_version", "threads", "settings", "memory_measure"):
+        assert report[key] not in (None, ""), key
+    assert report["device_type"] == "cpu" and report["threads"] == 1
+    assert report["command"].startswith("python bench.py --device cpu")
+    settings = report["settings"]
+    assert (settings["batch_size"], settings["steps"], settings["eval_samples"]) == (20, 2, 30)
+
+    result = report["models"]["model01"]
+    assert result["batch_size"] == 20 and result["importance_samples"] == 5 and result["parameters"] > 0
+    train = result["train"]
+    for variant in ("ours", "naive"):
+        v = train[variant]
+        assert v["images_per_s"] > 0 and len(v["images_per_s_repeats"]) == 2 and v["peak_memory_bytes"] > 0
+        assert v["all_steps_finite"]
+    assert train["speedup"] == pytest.approx(train["ours"]["images_per_s"] / train["naive"]["images_per_s"])
+    assert train["ours"]["host_syncs_per_step"]["total"] == 0
+    assert train["naive"]["host_syncs_per_step"]["total"] > 0  # .item() for the skip, argument validation
+    evaluation = result["eval"]
+    assert (evaluation["eval_samples"], evaluation["eval_images"]) == (30, 3)
+    assert evaluation["speedup"] == pytest.approx(evaluation["ours"]["samples_per_s"]
+                                                  / evaluation["naive"]["samples_per_s"])
+    # both evaluations estimate L_30 of the same weights on the same 3 images, with independent noise
+    # (exact agreement of the two forward passes is test_naive_forward_computes_the_same_model)
+    assert abs(evaluation["ours"]["ll_nats"] - evaluation["naive"]["ll_nats"]) < 15.0
+    assert -800 < evaluation["ours"]["ll_nats"] < -100
+    assert "training" in proc.stdout and "x the naive step" in proc.stdout
