@@ -442,7 +442,6 @@ class _DiscretizedEightBit(_EightBitValueChecks, Distribution):
     arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
     support = eight_bit_grid
     has_enumerate_support = True
-    _default_min_log_scale = None
 
     def __init__(self, loc, log_scale, min_log_scale: float | None = None, validate_args=None):
         loc, log_scale = broadcast_all(loc, log_scale)
