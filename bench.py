@@ -65,10 +65,38 @@ def naive_forward_model01(model, x: torch.Tensor, k: int) -> dict:
     return {key: torch.stack(values) for key, values in per_sample.items()}  # each [k, B]
 
 
-def naive_forward_generic(model, x: torch.Tensor, k: int) -> dict:
-    """Any rung, naively: the whole model once per importance sample (the encoder is re-run too)."""
-    outs = [model(x, 1) for _ in range(k)]  # k dicts of [1, B]
+class _Cached(torch.nn.Module):
+    """Stands in for an encoder submodule: returns features computed once."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return self.features
+
+
+def naive_forward_cached_encoder(model, x: torch.Tensor, k: int, encoder: str = "encoder") -> dict:
+    """Any rung, naively: the encoder (submodule or method named `encoder`) once per image, then the
+    model's own forward with one importance sample per pass, in a Python loop -- the decoder runs k
+    times on B latents instead of once on k*B. Gradients reach the encoder through the shared features."""
+    original = getattr(model, encoder)
+    features = original(x)
+    is_module = isinstance(original, torch.nn.Module)
+    setattr(model, encoder, _Cached(features) if is_module else (lambda _x: features))
+    try:
+        outs = [model(x, 1) for _ in range(k)]  # k dicts of [1, B]
+    finally:
+        if is_module:
+            setattr(model, encoder, original)
+        else:
+            delattr(model, encoder)  # the instance attribute hid the method
     return {key: torch.cat([o[key] for o in outs]) for key in ("log_px_z", "log_pz", "log_qz")}  # [k, B]
+
+
+def naive_forward_encode_method(model, x: torch.Tensor, k: int) -> dict:
+    """naive_forward_cached_encoder for rungs whose bottom-up pass is the method `encode` (model04)."""
+    return naive_forward_cached_encoder(model, x, k, encoder="encode")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -79,11 +107,15 @@ class BenchModel:
     script: str  # module name of the rung, e.g. "model01"
     dataset: str  # data set the benchmark trains on
     overrides: dict = field(default_factory=dict)  # config fields other than batch size and k
-    naive_forward: callable = naive_forward_generic  # (model, x, k) -> dict of [k, B]
+    naive_forward: callable = naive_forward_cached_encoder  # (model, x, k) -> dict of [k, B]
 
 
+# model02/03 default to CIFAR-10; they are measured on 8-bit MNIST, which every machine here has.
 REGISTRY = {
     "model01": BenchModel("model01", "binarized-mnist", naive_forward=naive_forward_model01),
+    "model02": BenchModel("model02", "mnist"),
+    "model03": BenchModel("model03", "mnist"),
+    "model04": BenchModel("model04", "binarized-mnist", naive_forward=naive_forward_encode_method),
 }
 
 
@@ -280,7 +312,8 @@ class NaiveTraining:
         x = self.next_batch()
         out = self.naive_forward(self.model, x, self.cfg.importance_samples)
         log_w = out["log_px_z"] + out["log_pz"] - out["log_qz"]  # [k, B]
-        loss = -log_mean_exp(log_w, dim=0).mean()
+        bound = log_mean_exp(log_w, dim=0) if self.cfg.objective == "iwae" else log_w.mean(0)  # [B]
+        loss = -bound.mean()
         self.optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -322,6 +355,7 @@ def median(values: list[float]) -> float:
 
 
 def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, data_cache: dict) -> dict:
+    """One model at the current thread setting: training, evaluation, memory and syncs of ours and naive."""
     if spec.dataset not in data_cache:
         data_cache[spec.dataset] = data_lib.load_data(spec.dataset, args.data_dir, device)
     data = data_cache[spec.dataset]
@@ -345,9 +379,11 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
                 variant.step()
         return run
 
-    print(f"[{name}] {n_params:,} parameters, batch {cfg.batch_size}, k={cfg.importance_samples}, "
+    threads = torch.get_num_threads()
+    print(f"[{name}, {threads} threads] {n_params:,} parameters, batch {cfg.batch_size}, k={cfg.importance_samples}, "
           f"{args.steps} steps x {args.repeats} repeats after {args.warmup_steps} warm-up steps", flush=True)
-    result = {"script": f"{spec.script}.py", "dataset": spec.dataset, "parameters": n_params,
+    result = {"model": name, "threads": threads, "script": f"{spec.script}.py", "dataset": spec.dataset,
+              "parameters": n_params,
               "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
               "naive_forward": spec.naive_forward.__name__, "train": {}, "eval": {}}
 
@@ -360,15 +396,14 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
         synchronize(device)
         result["train"].setdefault(variant_name, {})["host_syncs_per_step"] = count_host_syncs(variant.step)
 
-    # warm-up, then peak memory over a repeat's worth of steps, then the timed repeats
+    # warm-up (its peak memory is the phase's: the first steps allocate everything), then the timed repeats
     for variant_name, variant in variants.items():
         torch.distributions.Distribution.set_default_validate_args(validate[variant_name])
-        for _ in range(args.warmup_steps):
-            variant.step()
         synchronize(device)
         memory.reset()
         start = memory.current_bytes()
-        runner(variant_name)()
+        for _ in range(args.warmup_steps):
+            variant.step()
         result["train"].setdefault(variant_name, {}).update(
             {"memory_at_start_bytes": start, "peak_memory_bytes": memory.peak_bytes()})
     seconds = interleaved_timings({n: runner(n) for n in variants}, args.repeats, device)
@@ -401,7 +436,7 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
                 lls["naive"] = naive_evaluate(eval_model, test, args.eval_samples, spec.naive_forward)
         return run
 
-    print(f"[{name}] evaluation: {args.eval_images} test images x {args.eval_samples} importance samples, "
+    print(f"[{name}, {threads} threads] evaluation: {args.eval_images} test images x {args.eval_samples} samples, "
           f"{args.eval_repeats} repeats", flush=True)
     for variant_name in ("ours", "naive"):  # warm-up and peak memory
         memory.reset()
@@ -435,26 +470,28 @@ def device_slug(device: torch.device) -> str:
 
 
 def print_table(report: dict):
-    unit = "MiB"
-    print(f"\ndevice: {report['device']}   torch {report['torch_version']}   threads {report['threads']}")
-    print(f"{'model':8} {'phase':6} {'variant':14} {'rate':>14} {'peak mem':>12} {'host syncs/step':>16}")
-    for name, res in report["models"].items():
+    print(f"\ndevice: {report['device']}   torch {report['torch_version']}   "
+          f"load average {report['load_average_1min_at_start']} -> {report['load_average_1min_at_end']}")
+    print(f"{'model':8} {'threads':>7} {'phase':6} {'variant':14} {'rate':>16} {'peak mem':>10} {'host syncs/step':>16}")
+    for res in report["results"]:
+        name, threads = res["model"], res["threads"]
         for variant, v in res["train"].items():
-            if not isinstance(v, dict):
-                continue
-            syncs = v.get("host_syncs_per_step", {}).get("total", "-")
-            print(f"{name:8} {'train':6} {variant:14} {v['images_per_s']:>9.0f} im/s "
-                  f"{v['peak_memory_bytes'] / 2**20:>8.0f} {unit} {syncs:>16}")
+            if isinstance(v, dict):
+                syncs = v.get("host_syncs_per_step", {}).get("total", "-")
+                print(f"{name:8} {threads:>7} {'train':6} {variant:14} {v['images_per_s']:>9.0f} im/s   "
+                      f"{v['peak_memory_bytes'] / 2**20:>6.0f} MiB {syncs:>16}")
         for variant in ("ours", "naive"):
             v = res["eval"][variant]
-            print(f"{name:8} {'eval':6} {variant:14} {v['samples_per_s']:>7.0f} samp/s "
-                  f"{v['peak_memory_bytes'] / 2**20:>8.0f} {unit} {'':>16}")
-        line = f"{name}: training {res['train']['speedup']:.2f}x the naive step"
+            print(f"{name:8} {threads:>7} {'eval':6} {variant:14} {v['samples_per_s']:>9.0f} samples/s "
+                  f"{v['peak_memory_bytes'] / 2**20:>6.0f} MiB")
+    print()
+    for res in report["results"]:
+        line = f"{res['model']}, {res['threads']} threads: training {res['train']['speedup']:.2f}x the naive step"
         if "speedup_compiled" in res["train"]:
             line += f" ({res['train']['speedup_compiled']:.2f}x with torch.compile)"
-        line += (f"; evaluation {res['eval']['speedup']:.2f}x the naive per-sample loop "
-                 f"(L_{res['eval']['eval_samples']} on {res['eval']['eval_images']} images: "
-                 f"{res['eval']['ours']['ll_nats']:.2f} vs {res['eval']['naive']['ll_nats']:.2f} nats)")
+        ev = res["eval"]
+        line += (f"; evaluation {ev['speedup']:.2f}x the naive per-sample loop (L_{ev['eval_samples']} on "
+                 f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")
         print(line)
     print(f"peak memory: {report['memory_measure']}")
 
@@ -464,17 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
     a = parser.add_argument
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present, else CPU")
     a("--models", nargs="+", default=None, choices=list(REGISTRY),
-      help="models to measure (default: every registry entry whose script exists)")
+      help="models to measure (default: model01 on CPU, where conv rungs take many minutes; on CUDA every "
+           "registry entry whose script exists)")
     a("--batch-size", type=int, default=100, help="training batch size (default 100, model01's)")
     a("--importance-samples", "-k", type=int, default=5, help="importance samples k per image in training (default 5)")
-    a("--steps", type=int, default=20, help="timed training steps per repeat (default 20)")
-    a("--warmup-steps", type=int, default=5, help="untimed training steps per variant first (default 5)")
+    a("--steps", type=int, default=10, help="timed training steps per repeat (default 10)")
+    a("--warmup-steps", type=int, default=5,
+      help="untimed training steps per variant first, over which peak memory is taken (default 5)")
     a("--repeats", type=int, default=5, help="timed repeats of the training steps; the median is reported (default 5)")
     a("--eval-samples", type=int, default=5000, help="importance samples per test image (default 5000)")
     a("--eval-images", type=int, default=None,
-      help="test images evaluated per repeat (default: 10 on CPU, 100 on CUDA)")
+      help="test images evaluated per repeat (default: 4 on CPU, 100 on CUDA)")
     a("--eval-repeats", type=int, default=3, help="timed repeats of the evaluation (default 3)")
-    a("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    a("--threads", type=int, nargs="+", default=None,
+      help="torch CPU threads; several values measure each in turn (default on CPU: 1 and all cores, "
+           "e.g. 1 2; on CUDA torch's choice)")
     a("--compile", action="store_true", help="also time our step with torch.compile (compile time excluded)")
     a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     a("--seed", type=int, default=0, help="random seed")
@@ -486,17 +527,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        for flag in ("batch_size", "importance_samples", "steps", "repeats", "eval_samples", "eval_repeats"):
-            if getattr(args, flag) < 1:
-                raise training.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.warmup_steps < 0 or args.threads < 0 or (args.eval_images is not None and args.eval_images < 1):
-            raise training.UserError("--warmup-steps and --threads must be >= 0 and --eval-images >= 1")
+        for flag in ("batch_size", "importance_samples", "steps", "warmup_steps", "repeats", "eval_samples",
+                     "eval_repeats", "eval_images"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise training.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        if args.threads is not None and min(args.threads) < 1:
+            raise training.UserError(f"--threads must be >= 1, got {args.threads}")
         device = training.resolve_device(args.device, training.DistInfo())
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.threads is None:
+            args.threads = sorted({1, os.cpu_count() or 1}) if device.type == "cpu" else [torch.get_num_threads()]
         if args.eval_images is None:
-            args.eval_images = 100 if device.type == "cuda" else 10
-        models = args.models or available_models()
+            args.eval_images = 100 if device.type == "cuda" else 4
+        if args.models is None:
+            args.models = available_models() if device.type == "cuda" else ["model01"]
+        models = args.models
         missing = [m for m in models if m not in available_models()]
         if missing:
             raise training.UserError(f"{', '.join(missing)}: no such script in {REPO_ROOT}")
@@ -505,17 +550,20 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench.py", *argv]),
             "git_commit": training.git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": training.device_name(device), "device_type": device.type,
+            "device": re.sub(r", \d+ threads\)$", ")", training.device_name(device)),  # threads: per result
+            "device_type": device.type,
             "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(),
             "load_average_1min_at_start": round(os.getloadavg()[0], 2),  # other processes share the machine
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
             "memory_measure": memory.method,
-            "models": {},
+            "results": [],  # one record per model and thread setting
         }
         data_cache = {}
-        for name in models:
-            report["models"][name] = bench_model(name, REGISTRY[name], args, device, memory, data_cache)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name in models:
+                report["results"].append(bench_model(name, REGISTRY[name], args, device, memory, data_cache))
         report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     except (training.UserError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ structure and internal consistency, that the naive reference computes the same m
 that training.train_step never reads a device value on the host (counted by bench.HostSyncCounter,
 which works on CPU too), while the counter does catch such reads.
 """
+import dataclasses
+import importlib
 import json
 
 import pytest
@@ -96,8 +98,37 @@ def test_naive_forward_computes_the_same_model(no_validation):
     for key in ("log_px_z", "log_pz", "log_qz"):
         assert naive[key].shape == ours[key].shape == (1, 8)
         torch.testing.assert_close(naive[key], ours[key])
-    generic = bench.naive_forward_generic(model, x, 4)
-    assert all(generic[key].shape == (4, 8) for key in ("log_px_z", "log_pz", "log_qz"))
+
+
+SMALL = {"hidden": 16, "width": 8, "features": 32, "latent_layers": 3, "encoder_blocks": 1}
+
+
+@pytest.mark.parametrize("name", bench.available_models())
+def test_every_registry_entry_has_a_faithful_naive_forward(name, no_validation):
+    """Each rung's naive forward equals its real forward for one sample (same noise), returns [k, B]
+    for k samples, and leaves the model as it was (the encoder is only borrowed)."""
+    spec = bench.REGISTRY[name]
+    rung = importlib.import_module(spec.script).RUNG
+    info = data_lib.DATASETS[spec.dataset]
+    defaults = dataclasses.asdict(rung.config_class())
+    small = {key: value for key, value in SMALL.items() if key in defaults}  # the same code paths, fewer flops
+    cfg = rung.config_class.from_dict({**defaults, **spec.overrides, **small, "dataset": spec.dataset})
+    torch.manual_seed(0)
+    model = rung.build_model(cfg, info)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 2 if info.binary else 256, (2, *info.shape), dtype=torch.uint8, generator=generator)
+    x = data_lib.Split(images, binary=info.binary).to_float(images)
+    torch.manual_seed(3)
+    ours = model(x, 1)
+    torch.manual_seed(3)
+    naive = spec.naive_forward(model, x, 1)
+    for key in ("log_px_z", "log_pz", "log_qz"):
+        torch.testing.assert_close(naive[key], ours[key], rtol=1e-5, atol=1e-3)
+    three = spec.naive_forward(model, x, 3)
+    assert all(three[key].shape == (3, 2) for key in ("log_px_z", "log_pz", "log_qz"))
+    torch.manual_seed(3)
+    again = model(x, 1)  # the borrowed encoder is back
+    torch.testing.assert_close(again["log_px_z"], ours["log_px_z"])
 
 
 def test_device_slug(monkeypatch):
@@ -124,14 +155,16 @@ def test_tiny_real_run_writes_a_consistent_report(tmp_path, data_dir):
     proc = run_script("bench.py", *flags, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    for key in ("command", "git_commit", "date", "device", "torch_version", "threads", "settings", "memory_measure"):
+    for key in ("command", "git_commit", "date", "device", "torch_version", "settings", "memory_measure"):
         assert report[key] not in (None, ""), key
-    assert report["device_type"] == "cpu" and report["threads"] == 1
+    assert report["device_type"] == "cpu"
     assert report["command"].startswith("python bench.py --device cpu")
     settings = report["settings"]
     assert (settings["batch_size"], settings["steps"], settings["eval_samples"]) == (20, 2, 30)
+    assert settings["threads"] == [1] and settings["models"] == ["model01"]  # model01 is the CPU default
 
-    result = report["models"]["model01"]
+    (result,) = report["results"]
+    assert result["model"] == "model01" and result["threads"] == 1
     assert result["batch_size"] == 20 and result["importance_samples"] == 5 and result["parameters"] > 0
     train = result["train"]
     for variant in ("ours", "naive"):
@@ -149,4 +182,4 @@ def test_tiny_real_run_writes_a_consistent_report(tmp_path, data_dir):
     # (exact agreement of the two forward passes is test_naive_forward_computes_the_same_model)
     assert abs(evaluation["ours"]["ll_nats"] - evaluation["naive"]["ll_nats"]) < 15.0
     assert -800 < evaluation["ours"]["ll_nats"] < -100
-    assert "training" in proc.stdout and "x the naive step" in proc.stdout
+    assert "model01, 1 threads: training" in proc.stdout and "x the naive step" in proc.stdout
