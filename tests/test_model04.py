@@ -19,6 +19,16 @@ from conftest import run_script
 from distributions import log_mean_exp
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation (and, on a busy
+    machine, spin-waiting that made these tests 20x slower). Restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> model04.Config:
     values = dict(width=8, latent_channels=2, latent_layers=4, downsamplings=2, encoder_blocks=1,
                   mixture_components=3)
