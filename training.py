@@ -916,6 +916,8 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
                 _publish_figures(cfg, figures)
             print(f"redrew {len(figures)} figures of {cfg.checkpoint} in {out_dir}"
                   + (" and copied them to assets/" if cfg.publish else ""))
+        if dist_info.enabled:
+            dist.destroy_process_group()
         return 0
     name = ckpt.get("run_name", run_name(rung, cfg))
     extra = {k: ckpt.get(k) for k in ("steps", "epochs", "n_skipped", "best_val_bound_nats", "best_step",
@@ -924,6 +926,8 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv,
                       {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
                       t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint))
+    if dist_info.enabled:
+        dist.destroy_process_group()
     return 0
 
 
