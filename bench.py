@@ -18,8 +18,11 @@ For every model in REGISTRY (one entry per rung) and on one device, in one proce
 Timings exclude warm-up; variants alternate inside every repeat (so a changing background load hits
 both alike) and the medians over repeats are reported.
 
-    python bench.py --device cpu --threads 2     # writes results/bench_cpu.json
-    python bench.py --device cuda                # writes results/bench_<gpu>.json, e.g. bench_h100.json
+    python bench.py --device cpu     # model01 at 1 thread and at all cores -> results/bench_cpu.json
+    python bench.py --device cuda    # every rung in REGISTRY -> results/bench_<gpu>.json, e.g. bench_h100.json
+
+On a CPU whose cores other processes keep busy, more than one thread mostly measures contention (each
+parallel op waits for a descheduled thread); `--threads 1` then gives the meaningful comparison.
 
 Adding a rung: one REGISTRY entry (its script, the data set to run on, config overrides and, if it
 has one, its naive per-sample forward).
