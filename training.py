@@ -169,7 +169,7 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     a("--max-train-minutes", type=float, default=d.max_train_minutes,
       help="stop training after this many minutes, then evaluate (0: no limit)")
-    a("--quick", action="store_true", help="a real but tiny run (500 steps, 1000 test images, 100 eval samples)")
+    a("--quick", action="store_true", help="a real but tiny run, about a minute on 2 CPU cores (the rung's quick settings: a few hundred steps, a test subset, few eval samples)")
     a("--publish", action="store_true", help="copy figures to assets/ and result.json to results/")
     a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
     a("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
