@@ -15,6 +15,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ["VAE_DATA_DOWNLOAD"] = "0"
 
 
+# CI passes a relative VAE_DATA_DIR (../shared/data); tests that run scripts from other working
+# directories need it absolute, so resolve it once against the directory pytest started in.
+if os.environ.get("VAE_DATA_DIR"):
+    os.environ["VAE_DATA_DIR"] = str(Path(os.environ["VAE_DATA_DIR"]).expanduser().resolve())
+
+
 def _real_data_dir() -> Path | None:
     value = os.environ.get("VAE_DATA_DIR")
     return Path(value) if value and Path(value).is_dir() else None
