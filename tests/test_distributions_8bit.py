@@ -122,25 +122,29 @@ def test_one_channel_pmfs_sum_to_one_over_256_values(make):
 
 
 def test_rgb_mixture_sums_to_one_over_all_256_cubed_colours():
-    """Two pixels, two components each, strong coupling, one pixel with extreme parameters: the sum
+    """Four pixels, two components each, strong coupling, extreme and random parameters: the sum
     of p(r, g, b) over all 16.7M triples, evaluated through log_prob one red value at a time (the
     65536 (g, b) pairs of a chunk keep the temporaries cache-sized)."""
-    logits = torch.tensor([[0.3, -0.4], [2.0, -1.0]])
-    loc = torch.tensor([[[0.2, 0.6, 0.4], [0.8, 0.1, 0.5]],
-                        [[-3.0, 4.0, 0.5], [1.0, 0.0, 1.3]]])
-    log_scale = torch.tensor([[[-3.0, -4.0, -2.5], [-2.0, -5.5, -3.5]],
-                              [[-7.0, 1.0, -7.0], [3.0, -6.9, -4.0]]])
-    raw_coupling = torch.tensor([[[3.0, -1.0, 0.7], [-2.0, 0.5, -3.0]],
-                                 [[-1.5, 2.0, 1.0], [0.3, -0.8, 5.0]]])
+    g = torch.Generator().manual_seed(5)
+    logits = torch.cat([torch.tensor([[0.3, -0.4], [2.0, -1.0]]), torch.randn(2, 2, generator=g) * 2])
+    loc = torch.cat([torch.tensor([[[0.2, 0.6, 0.4], [0.8, 0.1, 0.5]],
+                                   [[-3.0, 4.0, 0.5], [1.0, 0.0, 1.3]]]),
+                     torch.rand(2, 2, 3, generator=g) * 1.4 - 0.2])
+    log_scale = torch.cat([torch.tensor([[[-3.0, -4.0, -2.5], [-2.0, -5.5, -3.5]],
+                                         [[-7.0, 1.0, -7.0], [3.0, -6.9, -4.0]]]),
+                           torch.rand(2, 2, 3, generator=g) * -6.9])  # down to the -7 floor
+    raw_coupling = torch.cat([torch.tensor([[[3.0, -1.0, 0.7], [-2.0, 0.5, -3.0]],
+                                            [[-1.5, 2.0, 1.0], [0.3, -0.8, 5.0]]]),
+                              torch.randn(2, 2, 3, generator=g) * 3])
     dist = one_pixel_rgb_mixture(logits, loc, log_scale, raw_coupling, validate_args=False)
     values = grid()
     chunk = torch.empty(LEVELS, LEVELS, 3)  # [g, b, channel] for one red value
     chunk[..., 1] = values[:, None]
     chunk[..., 2] = values[None, :]
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64)
     for red in values:
         chunk[..., 0] = red
-        log_mass = dist.log_prob(chunk.reshape(-1, 1, 3, 1, 1))  # [65536 (g, b), 2 pixels]
+        log_mass = dist.log_prob(chunk.reshape(-1, 1, 3, 1, 1))  # [65536 (g, b), 4 pixels]
         total += log_mass.exp().sum(0, dtype=torch.float64)
     assert (total - 1).abs().max() < 1e-5, total
 
