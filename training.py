@@ -981,13 +981,11 @@ def train(rung: Rung, cfg, argv) -> int:
         torch.manual_seed(cfg.seed + dist_info.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    if cfg.batch_size % dist_info.world_size != 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
-                        f"{dist_info.world_size} processes of this torchrun.")
-    if cfg.batch_size > len(data.train):
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train)} training images.")
-    batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
-                               world_size=dist_info.world_size)
+    try:  # the Batcher checks the global batch against the data and the number of processes
+        batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
+                                   world_size=dist_info.world_size)
+    except ValueError as e:
+        raise UserError(f"--batch-size: {e}.") from None
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * batcher.steps_per_epoch
     val_every = cfg.val_every if cfg.val_every > 0 else batcher.steps_per_epoch
 
@@ -1054,6 +1052,22 @@ def train(rung: Rung, cfg, argv) -> int:
             atomic_torch_save(checkpoint_state(), ckpt_path)
         saved_step = step
 
+    def validate_and_keep_best():
+        """The validation bound L_{val_samples} (EMA weights if any); a new best is saved as best.pt."""
+        nonlocal best_val, best_step
+        val_ll = gather_per_image(evaluate_bound(eval_model, shard(data.val, dist_info), cfg.val_samples,
+                                                 seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
+                                  dist_info, device)
+        val_bound = val_ll.mean().item()
+        if dist_info.is_main:
+            log.write("val", step=step, val_bound_nats=val_bound, val_samples=cfg.val_samples)
+            postfix.update(val=f"{val_bound:.2f}")
+            bar.set_postfix(postfix, refresh=False)
+        if val_bound > best_val:
+            best_val, best_step = val_bound, step
+            if dist_info.is_main:
+                atomic_torch_save({**checkpoint_state(), "optimizer": None}, best_path)
+
     # Stop signals: finish the current step, checkpoint, exit non-zero (see Interrupted).
     stop_signal = []
     previous_handlers = {}
@@ -1112,19 +1126,7 @@ def train(rung: Rung, cfg, argv) -> int:
                     break
 
             if step % val_every == 0 or step == total_steps:
-                val = shard(data.val, dist_info)
-                val_ll = gather_per_image(
-                    evaluate_bound(eval_model, val, cfg.val_samples, seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
-                    dist_info, device)
-                val_bound = val_ll.mean().item()
-                if dist_info.is_main:
-                    log.write("val", step=step, val_bound_nats=val_bound, val_samples=cfg.val_samples)
-                    postfix.update(val=f"{val_bound:.2f}")
-                    bar.set_postfix(postfix, refresh=False)
-                if val_bound > best_val:
-                    best_val, best_step = val_bound, step
-                    if dist_info.is_main:
-                        atomic_torch_save({**checkpoint_state(), "optimizer": None}, best_path)
+                validate_and_keep_best()
 
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 save_checkpoint()
@@ -1141,13 +1143,7 @@ def train(rung: Rung, cfg, argv) -> int:
                                   device):
                 stop_reason = "time"
                 if step % val_every != 0:  # select on a fresh validation bound at the stopping point
-                    val_ll = gather_per_image(evaluate_bound(eval_model, shard(data.val, dist_info), cfg.val_samples,
-                                                             seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
-                                              dist_info, device)
-                    if val_ll.mean().item() > best_val:
-                        best_val, best_step = val_ll.mean().item(), step
-                        if dist_info.is_main:
-                            atomic_torch_save({**checkpoint_state(), "optimizer": None}, best_path)
+                    validate_and_keep_best()
                 save_checkpoint()
                 break
     finally:
