@@ -87,13 +87,50 @@ def kl_independent_normals(q: Independent, p: Independent) -> torch.Tensor:
 # ----------------------------------------------------------------------------- likelihoods
 
 
+class _BinaryBernoulliLogProb(torch.autograd.Function):
+    """log Bernoulli(x; logits=l) for x in {0, 1}: log sigmoid(t) with t = (2x - 1) l, and its gradient.
+
+    Why not torch's log_prob (binary_cross_entropy_with_logits -> log_sigmoid)? On the CPU its log1p
+    runs element by element and took a quarter of a model01 training step; sigmoid and log are
+    vectorised. log(sigmoid(t)) is accurate to float rounding in absolute terms (the summed
+    log-likelihood is what matters): sigmoid has a small relative error for every t, and for
+    t <= -80 (where sigmoid(t) < 2e-35 nears float32's underflow) log sigmoid(t) = t - log(1 + e^t)
+    equals t to far below rounding. Backward: d/dl = (2x - 1) (1 - sigmoid(t)), one fused expression.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, value):
+        sign = 2.0 * value - 1.0  # +1 where x = 1, -1 where x = 0
+        t = logits * sign
+        p = torch.sigmoid(t)  # the probability of the observed value
+        ctx.save_for_backward(sign, p)
+        return torch.where(t > -80.0, torch.log(p), t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sign, p = ctx.saved_tensors
+        return grad * sign * (1.0 - p), None
+
+
+class FastBernoulli(Bernoulli):
+    """torch.distributions.Bernoulli(logits=...) whose log_prob is faster on the CPU and as accurate
+    (see _BinaryBernoulliLogProb). Values must be 0 or 1, as Bernoulli's support says (checked when
+    argument validation is on); soft targets need torch's Bernoulli."""
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.logits, value)  # promotes to a common float dtype, as torch's
+        return _BinaryBernoulliLogProb.apply(logits, value)
+
+
 def bernoulli_likelihood(logits: torch.Tensor, event_dims: int = 3) -> Independent:
     """p(x|z) for binary images: independent Bernoulli per pixel, parameterised by logits.
 
     Logits are cast to float32 so that log_prob is exact under autocast. `mean` = sigmoid(logits)
     is what reconstruction and sample figures show.
     """
-    return Independent(Bernoulli(logits=logits.float()), event_dims)
+    return Independent(FastBernoulli(logits=logits.float()), event_dims)
 
 
 # ----------------------------------------------------------------------------- 8-bit likelihoods
