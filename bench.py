@@ -6,8 +6,10 @@ For every model in REGISTRY (one entry per rung) and on one device, in one proce
          bf16 autocast on CUDA, fused Adam with the skip decided on the device -- against a naive
          step on the same architecture, batch and k: a torch DataLoader over CPU tensors with a
          host->device copy per batch, one decoder pass per importance sample in a Python loop, fp32,
-         plain (for-loop) Adam, torch.distributions' default argument validation, and the skip
-         decided on the host (`.item()`).
+         plain (for-loop) Adam, torch.distributions' default argument validation and, for model01,
+         torch's own Bernoulli (ours: distributions.FastBernoulli, same values), and the skip
+         decided on the host (`.item()`). On CPU also `ours_cpu_bf16`: our step as
+         `modelNN.py --cpu-bf16` runs it (bf16 autocast; fast on CPUs with AVX512-BF16 or AMX).
   eval   importance samples/s of training.evaluate_bound (samples folded into large chunks, a
          streaming log-sum-exp) against the naive loop, one decoder pass per sample.
   memory peak during each phase. CUDA: torch.cuda.max_memory_allocated (reset before the phase).
@@ -39,10 +41,11 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.distributions import Bernoulli, Independent
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as data_lib
@@ -56,13 +59,16 @@ REPO_ROOT = Path(__file__).resolve().parent
 
 
 def naive_forward_model01(model, x: torch.Tensor, k: int) -> dict:
-    """model01's forward written naively: the encoder once, then one decoder pass per importance sample."""
+    """model01's forward written naively: the encoder once, then one decoder pass per importance sample,
+    scored by the library's torch.distributions.Bernoulli (log_prob = binary_cross_entropy_with_logits;
+    ours is distributions.FastBernoulli, the same values to float rounding)."""
     q = diagonal_gaussian(*model.posterior(model.encoder(x)))  # batch [B], event [L]
     prior = model.prior(x.device)
     per_sample = {"log_px_z": [], "log_pz": [], "log_qz": []}
     for _ in range(k):  # the loop that merge_samples removes
         z = q.rsample()  # [B, L]
-        per_sample["log_px_z"].append(model.likelihood(z).log_prob(x))  # [B]
+        logits = model.decoder(z).reshape(x.shape)  # [B, 784] -> [B, 1, 28, 28]
+        per_sample["log_px_z"].append(Independent(Bernoulli(logits=logits), 3).log_prob(x))  # [B]
         per_sample["log_pz"].append(prior.log_prob(z))
         per_sample["log_qz"].append(q.log_prob(z))
     return {key: torch.stack(values) for key, values in per_sample.items()}  # each [k, B]
@@ -266,13 +272,14 @@ def interleaved_timings(runners: dict, repeats: int, device: torch.device) -> di
 class OurTraining:
     """training.train_step fed by data.Batcher, built the way training.train builds them."""
 
-    def __init__(self, model, cfg, data, device, compile_model: bool = False):
+    def __init__(self, model, cfg, data, device, compile_model: bool = False, cpu_bf16: bool = False):
+        cfg = replace(cfg, cpu_bf16=cpu_bf16)  # as `python modelNN.py --cpu-bf16` would run
         self.model, self.cfg, self.device = model, cfg, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = training.make_optimizer(self.params, cfg)
         self.batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed)
         self.meters = training.StepMeters(device)
-        self.amp = cfg.amp and device.type == "cuda"
+        self.amp = training.training_autocast(cfg, device)
         self.train_model = torch.compile(model) if compile_model else model
         self.step_count = 0
 
@@ -371,7 +378,11 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
     if args.compile:
         _, _, model_compiled = build(spec, args, data, device)
         variants["ours_compiled"] = OurTraining(model_compiled, cfg, data, device, compile_model=True)
-    validate = {"ours": False, "naive": True, "ours_compiled": False}  # training.main switches validation off
+    if device.type == "cpu":  # the opt-in --cpu-bf16 (bf16 autocast of the training step)
+        _, _, model_bf16 = build(spec, args, data, device)
+        variants["ours_cpu_bf16"] = OurTraining(model_bf16, cfg, data, device, cpu_bf16=True)
+    # training.main switches validation off
+    validate = {"ours": False, "naive": True, "ours_compiled": False, "ours_cpu_bf16": False}
 
     def runner(variant_name):
         variant = variants[variant_name]
@@ -420,6 +431,9 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
     result["train"]["speedup"] = result["train"]["ours"]["images_per_s"] / result["train"]["naive"]["images_per_s"]
     if args.compile:
         result["train"]["speedup_compiled"] = (result["train"]["ours_compiled"]["images_per_s"]
+                                               / result["train"]["naive"]["images_per_s"])
+    if "ours_cpu_bf16" in variants:
+        result["train"]["speedup_cpu_bf16"] = (result["train"]["ours_cpu_bf16"]["images_per_s"]
                                                / result["train"]["naive"]["images_per_s"])
 
     # evaluation: both estimators on the same trained-for-a-few-steps weights and the same test images
@@ -492,6 +506,8 @@ def print_table(report: dict):
         line = f"{res['model']}, {res['threads']} threads: training {res['train']['speedup']:.2f}x the naive step"
         if "speedup_compiled" in res["train"]:
             line += f" ({res['train']['speedup_compiled']:.2f}x with torch.compile)"
+        if "speedup_cpu_bf16" in res["train"]:
+            line += f", {res['train']['speedup_cpu_bf16']:.2f}x with --cpu-bf16"
         ev = res["eval"]
         line += (f"; evaluation {ev['speedup']:.2f}x the naive per-sample loop (L_{ev['eval_samples']} on "
                  f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")

@@ -89,3 +89,36 @@ def test_unknown_flag_values_and_missing_data_are_clear_errors(tmp_path):
                       env={"VAE_DATA_DOWNLOAD": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train-images-idx3-ubyte.gz" in proc.stderr and str(tmp_path / "nothing") in proc.stderr
+
+
+def test_quick_run_trains_in_float32_on_cpu(quick_run):
+    result = json.loads((quick_run[0] / "result.json").read_text())
+    assert (result["train_precision"], result["eval_precision"]) == ("float32", "float32")
+
+
+def test_cpu_bf16_trains_under_autocast_and_evaluates_in_float32(data_dir, tmp_path):
+    out = tmp_path / "bf16"
+    proc = run_script("model01.py", "--quick", "--cpu-bf16", "--device", "cpu", "--max-steps", "150",
+                      "--n-test", "100", "--data-dir", data_dir, "--out-dir", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert (result["train_precision"], result["eval_precision"]) == ("bf16 autocast", "float32")
+    assert result["config"]["cpu_bf16"] is True and result["n_skipped"] == 0
+    train = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in train if r["type"] == "train"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 20
+    assert -300 < result["test_ll_nats"] < -120
+
+
+def test_checkpoint_without_a_later_config_key_resumes_with_its_default(quick_run, data_dir, tmp_path):
+    """A checkpoint written before cpu_bf16 existed lacks the key; resuming it must not call that a mismatch."""
+    src, _ = quick_run
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = torch.load(src / "ckpt.pt", map_location="cpu", weights_only=False)
+    del ckpt["config"]["cpu_bf16"]
+    torch.save(ckpt, out / "ckpt.pt")
+    proc = run_script("model01.py", "--quick", "--resume", "--max-steps", "510", "--n-test", "50",
+                      "--data-dir", data_dir, "--out-dir", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["steps"] == 510
