@@ -15,6 +15,7 @@ write prose outside them:
     <!-- results:start --> ... <!-- results:end -->                every result: the comparison table
     <!-- results:MODEL:start --> ... <!-- results:MODEL:end -->    one rung's results and their commands
     <!-- figures:MODEL:start --> ... <!-- figures:MODEL:end -->    one rung's figure rows (from assets/)
+    <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
 --check also fails when README shows an image that does not exist.
 
 Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
@@ -37,7 +38,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -221,6 +222,53 @@ def results_block(results: list[dict], model: str | None, link_base: Path) -> st
     return markdown_table(rows, link_base, "") + "\n\nThe commands that produced them:\n\n" + commands
 
 
+# ----------------------------------------------------------------------------- speed (bench_*.json)
+
+
+def load_benches(results_dir: Path) -> list[dict]:
+    """Every results/bench_*.json written by bench.py, in file-name order."""
+    benches = []
+    for path in sorted(results_dir.glob("bench_*.json")) if results_dir.is_dir() else []:
+        try:
+            report = json.loads(path.read_text())
+            report["results"][0]["train"]["ours"]["images_per_s"]  # the shape bench.py writes
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            raise CompareError(f"{path} is not a report written by bench.py ({type(e).__name__}: {e}); "
+                               f"rerun `python bench.py` or move it out of {results_dir}.") from None
+        benches.append({**report, "_path": path})
+    return benches
+
+
+BENCH_HEADER = ("| device | model | threads | training: ours / naive (images/s) | speed-up | "
+                "ours with --cpu-bf16 | evaluation: ours / naive (samples/s) | speed-up | "
+                "host syncs per step: ours / naive |")
+
+
+def bench_block(benches: list[dict], link_base: Path) -> str:
+    if not benches:
+        return "_No benchmark yet: `python bench.py` writes results/bench_<device>.json._"
+    lines = [BENCH_HEADER, "|" + "---|" * BENCH_HEADER.count(" | ") + "---|"]
+    notes = []
+    for report in benches:
+        link = _relative(report["_path"], link_base)
+        for r in report["results"]:
+            train, ev = r["train"], r["eval"]
+            bf16 = (f"{train['ours_cpu_bf16']['images_per_s']:.0f} ({train['speedup_cpu_bf16']:.2f}x)"
+                    if "ours_cpu_bf16" in train else "—")
+            syncs = " / ".join(str(train[v].get("host_syncs_per_step", {}).get("total", "?")) for v in ("ours", "naive"))
+            cells = [f"[{report['device']}]({link})", r["model"], str(r["threads"]),
+                     f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
+                     f"**{train['speedup']:.2f}x**", bf16,
+                     f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}",
+                     f"**{ev['speedup']:.2f}x**", syncs]
+            lines.append("| " + " | ".join(_md(c) if i else c for i, c in enumerate(cells)) + " |")
+        notes.append(f"- [{link}]({link}): `{report.get('command', '?')}` at commit {commit_label(report)}, "
+                     f"batch {report['results'][0]['batch_size']}, k={report['results'][0]['importance_samples']}, "
+                     f"load average {report.get('load_average_1min_at_start', '?')} -> "
+                     f"{report.get('load_average_1min_at_end', '?')} (other processes on the machine)")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
 def _date(r: dict) -> datetime.datetime:
     try:
         return datetime.datetime.fromisoformat(r.get("date", ""))
@@ -267,8 +315,9 @@ def figures_block(results: list[dict], model: str, assets_dir: Path, link_base: 
 # ----------------------------------------------------------------------------- README
 
 
-def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: Path) -> str:
-    """README text with every generated block rewritten from `results`."""
+def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: Path,
+                  benches: list[dict] = ()) -> str:
+    """README text with every generated block rewritten from `results` (and `benches`, bench_*.json)."""
     out, pos, open_marker = [], 0, None
 
     def where(match):
@@ -291,6 +340,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                                    f"<!-- {kind}{':' + model if model else ''}:start --> block.")
             if kind == "results":
                 block = results_block(results, model, link_base)
+            elif kind == "bench":
+                block = bench_block(benches, link_base)
             elif model is None:
                 raise CompareError(f"README {where(open_marker)}: a figures block needs a model, e.g. "
                                    f"<!-- figures:model01:start -->.")
@@ -388,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                   else f"_No published results on {args.dataset}._")
             return 0
         current = read_readme(args.readme)
-        expected = render_readme(current, results, assets_dir, args.readme.parent)
+        benches = load_benches(args.results_dir or REPO_ROOT / "results")
+        expected = render_readme(current, results, assets_dir, args.readme.parent, benches)
         if args.check:
             return check_readme(args.readme, expected, current)
         if expected == current:

@@ -189,3 +189,32 @@ def test_regenerated_figures_are_bit_identical(published, tmp_path):
         assert proc.returncode == 1 and f"MISSING {result['run_name']}: no checkpoint" in proc.stdout, proc.stdout
     finally:
         (tmp_path / "moved.pt").rename(ckpt)
+
+
+def test_bench_block_is_rendered_from_bench_json_and_a_hand_edit_fails_check(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    train = {"ours": {"images_per_s": 9000.4, "host_syncs_per_step": {"total": 0}},
+             "naive": {"images_per_s": 3000.0, "host_syncs_per_step": {"total": 40}},
+             "ours_cpu_bf16": {"images_per_s": 12000.0}, "speedup": 3.0001, "speedup_cpu_bf16": 4.0}
+    evaluation = {"ours": {"samples_per_s": 50000.0}, "naive": {"samples_per_s": 10000.0}, "speedup": 5.0}
+    report = {"command": "python bench.py --device cpu", "git_commit": "a" * 40, "device": "CPU (test)",
+              "load_average_1min_at_start": 0.5, "load_average_1min_at_end": 0.7,
+              "results": [{"model": "model01", "threads": 1, "batch_size": 100, "importance_samples": 5,
+                           "train": train, "eval": evaluation}]}
+    (results / "bench_cpu.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("# speed\n<!-- bench:start -->\nstale\n<!-- bench:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    code, out = _compare(capsys, "--update-readme", *paths)
+    assert code == 0, out
+    text = readme.read_text()
+    assert "stale" not in text and "| [CPU (test)](results/bench_cpu.json) | model01 | 1 | 9000 / 3000 | **3.00x** |" in text
+    assert "12000 (4.00x)" in text and "**5.00x**" in text and "0 / 40" in text and "aaaaaaa" in text
+    assert _compare(capsys, "--check", *paths)[0] == 0
+    readme.write_text(text.replace("**3.00x**", "**3.50x**"))
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 1 and "3.50x" in out
+    (results / "bench_cpu.json").write_text("{}")
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 2 and "bench_cpu.json is not a report written by bench.py" in out
