@@ -1155,7 +1155,7 @@ def train(rung: Rung, cfg, argv) -> int:
                 save_checkpoint()
                 stop_reason = "signal"
                 break
-            if cfg.max_train_minutes > 0 and step % cfg.log_every == 0 \
+            if cfg.max_train_minutes > 0 and step % cfg.log_every == 0 and step < total_steps \
                     and _any_rank(train_time_prev + time.time() - t_train > 60 * cfg.max_train_minutes, dist_info,
                                   device):
                 stop_reason = "time"
