@@ -655,7 +655,7 @@ class StepMeters:
 def training_autocast(cfg, device: torch.device) -> bool:
     """Whether training steps run under bf16 autocast: --amp on CUDA, --cpu-bf16 on CPU. Evaluation
     (validation, test bound, figures) always runs in float32."""
-    return (cfg.amp and device.type == "cuda") or (getattr(cfg, "cpu_bf16", False) and device.type == "cpu")
+    return (cfg.amp and device.type == "cuda") or (cfg.cpu_bf16 and device.type == "cpu")
 
 
 def train_step(train_model, optimizer: torch.optim.Optimizer, params: list, x: torch.Tensor, cfg, step: int,
