@@ -438,7 +438,7 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
 
     # evaluation: both estimators on the same trained-for-a-few-steps weights and the same test images
     test = data.test.subset(args.eval_images)
-    chunk = training._eval_chunk_size(cfg, device)
+    chunk = training.eval_chunk_size(rung, cfg, device)
     eval_model = model_ours
     lls = {}
 

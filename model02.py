@@ -92,7 +92,7 @@ class ConvVAE(nn.Module):
         self.variance_bound = cfg.variance_bound
         self.min_log_var = cfg.min_log_var_levels - 2 * LOG_LEVELS  # levels -> pixel units (x in [0, 1])
         self.max_log_var = cfg.max_log_var_levels - 2 * LOG_LEVELS
-        self.channels_last = True  # conv nets run faster in NHWC on CUDA
+        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (training.prepare_model)
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -166,7 +166,8 @@ def quick_overrides(cfg: Config) -> dict:
 
 RUNG = training.Rung(name="model02", config_class=Config, build_model=build_model, likelihood=likelihood_name,
                      figure_prefix=lambda cfg: "model02" if cfg.variance_bound else "model02_unbounded",
-                     run_suffix=lambda cfg: "" if cfg.variance_bound else "_unbounded", quick=quick_overrides)
+                     run_suffix=lambda cfg: "" if cfg.variance_bound else "_unbounded", quick=quick_overrides,
+                     cpu_eval_chunk=128)  # 28x28 conv decoder: 128 latents per pass measured fastest on 1 CPU thread
 
 
 def build_parser() -> argparse.ArgumentParser:

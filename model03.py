@@ -76,7 +76,7 @@ class ConvVAE(nn.Module):
         self.variance_bound = cfg.variance_bound
         # variance floor -> log-scale floor: log s = (log sigma^2) / 2 - ln(pi / sqrt 3), levels -> pixels
         self.min_log_scale = 0.5 * cfg.min_log_var_levels - LOG_LOGISTIC_STD - LOG_LEVELS
-        self.channels_last = True  # conv nets run faster in NHWC on CUDA
+        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (training.prepare_model)
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -139,7 +139,8 @@ def quick_overrides(cfg: Config) -> dict:
 
 RUNG = training.Rung(name="model03", config_class=Config, build_model=build_model, likelihood=likelihood_name,
                      figure_prefix=lambda cfg: "model03" if cfg.variance_bound else "model03_unbounded",
-                     run_suffix=lambda cfg: "" if cfg.variance_bound else "_unbounded", quick=quick_overrides)
+                     run_suffix=lambda cfg: "" if cfg.variance_bound else "_unbounded", quick=quick_overrides,
+                     cpu_eval_chunk=128)  # 28x28 conv decoder: 128 latents per pass measured fastest on 1 CPU thread
 
 
 def build_parser() -> argparse.ArgumentParser:

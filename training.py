@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -41,10 +42,16 @@ from distributions import bits_per_dim, log_mean_exp
 
 REPO_ROOT = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = 1
+EXIT_SEGMENT_END = 75  # --segment-minutes ran out: state saved, the same command continues (EX_TEMPFAIL)
 
 
 class UserError(RuntimeError):
     """Bad input (flags, paths, checkpoints): reported as one paragraph, no traceback."""
+
+
+class SegmentEnd(RuntimeError):
+    """--segment-minutes ran out: the run's state (ckpt.pt, or the partial test evaluation) is saved and the
+    same command continues it; the process exits with EXIT_SEGMENT_END."""
 
 
 class Interrupted(RuntimeError):
@@ -99,6 +106,9 @@ class TrainConfig:
     log_every: int = 100  # steps between log lines (the only host syncs of the hot path)
     checkpoint_every: int = 5000  # steps between checkpoints (and one at the end)
     max_train_minutes: float = 0.0  # > 0: stop training after this wall time, then evaluate
+    # > 0: this invocation stops after about this many minutes (of training or of the test evaluation), saves
+    # its state and exits 75; the same command continues bit-exactly. Cuts a long run into resumable segments.
+    segment_minutes: float = 0.0
     quick: bool = False  # a real but tiny run (see quick_overrides)
     publish: bool = False  # copy figures to assets/ and result.json to results/
     resume: bool = False  # continue the run in out_dir from ckpt.pt
@@ -118,11 +128,13 @@ class TrainConfig:
 
 # Keys that may change between a checkpoint and the run that resumes or re-evaluates it.
 RUN_CONTROL_KEYS = {"data_dir", "out_dir", "device", "log_every", "checkpoint_every", "max_train_minutes",
+                    "segment_minutes",
                     "publish", "resume", "wandb", "eval_only", "checkpoint", "eval_samples", "n_test",
                     "eval_chunk", "compile", "epochs", "max_steps", "figures_only",
                     "max_consecutive_skips"}  # only where a run stops, never what it computes
 # Of those, the ones --eval-only takes from the command line (the rest come from the checkpoint).
-EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed"}
+EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed",
+                      "segment_minutes"}
 
 
 def quick_overrides(cfg) -> dict:
@@ -174,6 +186,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     a("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     a("--max-train-minutes", type=float, default=d.max_train_minutes,
       help="stop training after this many minutes, then evaluate (0: no limit)")
+    a("--segment-minutes", type=float, default=d.segment_minutes,
+      help="stop this invocation after about this many minutes of training or test evaluation, save the state "
+           f"and exit {EXIT_SEGMENT_END}; the same command continues exactly where it stopped (0: no limit)")
     a("--quick", action="store_true", help="a real but tiny run, about a minute on 2 CPU cores (the rung's quick settings: a few hundred steps, a test subset, few eval samples)")
     a("--publish", action="store_true", help="copy figures to assets/ and result.json to results/")
     a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
@@ -209,6 +224,7 @@ def validate_config(cfg: TrainConfig):
         (cfg.n_test >= 0, f"--n-test must be >= 0, got {cfg.n_test}"),
         (0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
+        (cfg.segment_minutes >= 0, f"--segment-minutes must be >= 0, got {cfg.segment_minutes}"),
         (cfg.max_consecutive_skips >= 1, f"--max-consecutive-skips must be >= 1, got {cfg.max_consecutive_skips}"),
         (not (cfg.eval_only and not cfg.checkpoint), "--eval-only needs --checkpoint PATH"),
         (not (cfg.eval_only and cfg.resume), "--eval-only and --resume exclude each other"),
@@ -484,21 +500,40 @@ def init_wandb(cfg, run_name: str, out_dir: Path):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _eval_chunk_size(cfg, device) -> int:
+def eval_chunk_size(rung, cfg, device) -> int:
+    """Latents per evaluation pass: --eval-chunk, else 2^18 on CUDA and the rung's `cpu_eval_chunk` on CPU (small
+    passes whose activations stay in the CPU's caches: measured 3-7x faster than 2^14 there, see bench.py)."""
     if cfg.eval_chunk > 0:
         return cfg.eval_chunk
-    return 1 << 18 if device.type == "cuda" else 1 << 14
+    return 1 << 18 if device.type == "cuda" else rung.cpu_eval_chunk
+
+
+def _device_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_device_rng_state(device: torch.device, state: torch.Tensor):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 @torch.no_grad()
 def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, chunk: int,
-                   progress: bool = False, desc: str = "eval") -> torch.Tensor:
+                   progress: bool = False, desc: str = "eval", *, resume: dict | None = None,
+                   deadline: float | None = None, on_save=None, save_every_s: float = 60.0) -> torch.Tensor | None:
     """Per-image L_S = log mean_{s<=S} w_s for every image of `split` -> float64 [N] on the CPU.
 
     Images go through in batches and the S samples in chunks, each chunk folded into one forward
     pass of about `chunk` latents; a running log-sum-exp combines chunks, so S never has to fit at
     once. Seeded and RNG-neutral: the caller's random state is unchanged afterwards. On CUDA
-    out-of-memory the chunk is halved and the batch retried.
+    out-of-memory the chunk is halved and the batch retried (from the same random state).
+
+    Resumable: `on_save(progress)` receives {"done": images finished, "ll": their [done] values, "rng": the random
+    state at that point, "chunk": latents per pass} every `save_every_s` seconds, when `deadline` (a time.time()
+    value) has passed -- then the function returns None -- and on SIGINT/SIGTERM (Interrupted) before re-raising.
+    `resume=progress` continues from such a record; the result is bit-identical to an uninterrupted call.
     """
     from tqdm import tqdm
 
@@ -507,32 +542,58 @@ def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, ch
     device = split.images.device
     n = len(split)
     results = torch.empty(n, dtype=torch.float64)
+    start = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        bar = tqdm(total=n, desc=desc, disable=not progress, leave=False, mininterval=1.0)
-        start = 0
-        while start < n:
-            images_per_pass = max(1, min(n - start, chunk // num_samples))
-            samples_per_pass = max(1, min(num_samples, chunk // images_per_pass))
-            x = split.to_float(split.images[start:start + images_per_pass])
-            try:
-                log_sum = torch.full((x.shape[0],), -math.inf, device=device)
-                done = 0
-                while done < num_samples:
-                    s = min(samples_per_pass, num_samples - done)
-                    log_w = log_weights(model(x, s)).float()  # [s, B]
-                    log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
-                    done += s
-            except torch.cuda.OutOfMemoryError:
-                if chunk <= 1:
-                    raise
-                chunk //= 2
-                torch.cuda.empty_cache()
-                continue
-            results[start:start + x.shape[0]] = (log_sum - math.log(num_samples)).double().cpu()
-            start += x.shape[0]
-            bar.update(x.shape[0])
-        bar.close()
+        if resume is not None:  # the random stream and the pass layout continue where the record left them
+            start, chunk = resume["done"], resume["chunk"]
+            results[:start] = resume["ll"]
+            _set_device_rng_state(device, resume["rng"])
+        bar = tqdm(total=n, initial=start, desc=desc, disable=not progress, leave=False, mininterval=1.0)
+        last_save = time.time()
+        boundary_rng = _device_rng_state(device)  # the random state at `start`, a pass boundary
+
+        def progress_record():
+            return {"done": start, "ll": results[:start].clone(), "rng": boundary_rng, "chunk": chunk}
+
+        try:
+            while start < n:
+                if deadline is not None and time.time() >= deadline:
+                    if on_save is not None:
+                        on_save(progress_record())
+                    results = None
+                    break
+                images_per_pass = max(1, min(n - start, chunk // num_samples))
+                samples_per_pass = max(1, min(num_samples, chunk // images_per_pass))
+                x = split.to_float(split.images[start:start + images_per_pass])
+                try:
+                    log_sum = torch.full((x.shape[0],), -math.inf, device=device)
+                    done = 0
+                    while done < num_samples:
+                        s = min(samples_per_pass, num_samples - done)
+                        log_w = log_weights(model(x, s)).float()  # [s, B]
+                        log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
+                        done += s
+                except torch.cuda.OutOfMemoryError:
+                    if chunk <= 1:
+                        raise
+                    chunk //= 2
+                    torch.cuda.empty_cache()
+                    _set_device_rng_state(device, boundary_rng)
+                    continue
+                results[start:start + x.shape[0]] = (log_sum - math.log(num_samples)).double().cpu()
+                start += x.shape[0]
+                boundary_rng = _device_rng_state(device)
+                bar.update(x.shape[0])
+                if on_save is not None and time.time() - last_save >= save_every_s and start < n:
+                    on_save(progress_record())
+                    last_save = time.time()
+        except Interrupted:
+            if on_save is not None:
+                on_save(progress_record())
+            raise
+        finally:
+            bar.close()
     model.train(was_training)
     return results
 
@@ -618,9 +679,10 @@ def set_rng_state(state: dict):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A freshly built model on the device; conv models (attribute channels_last = True) go NHWC on CUDA."""
+    """A freshly built model on the device; conv models (attribute channels_last = True) go NHWC, which is faster
+    on CUDA (tensor cores) and on CPU (oneDNN: model02/03's evaluation measured 1.6x faster at 1 thread)."""
     model = model.to(device)
-    if device.type == "cuda" and getattr(model, "channels_last", False):
+    if getattr(model, "channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -728,6 +790,8 @@ class Rung:
     latent_layers: callable = None  # (cfg) -> int
     quick: callable = quick_overrides  # (cfg) -> dict of overrides for --quick
     extra_metrics: callable = None  # (model, test Split, cfg) -> dict of extra result.json entries
+    # latents per evaluation pass on CPU when --eval-chunk is 0: passes small enough for the caches (bench.py)
+    cpu_eval_chunk: int = 1024
 
 
 def run_name(rung: Rung, cfg) -> str:
@@ -760,6 +824,9 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     except (UserError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SegmentEnd as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_SEGMENT_END
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
@@ -865,17 +932,73 @@ def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], n
         _publish_checkpoint(checkpoint_path, name, rung.name)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's state (names and values, layout-independent): ties a partial evaluation to its weights."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_eval_state(path: Path, identity: dict) -> dict | None:
+    """The partial test evaluation in `path` when there is one for exactly these weights and settings."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["identity"]
+    except Exception as e:
+        raise UserError(f"partial test evaluation {path} is unreadable ({type(e).__name__}); delete it to start the "
+                        f"test evaluation over.") from None
+    diffs = config_differences(saved, identity, set())
+    if diffs:
+        raise UserError(f"partial test evaluation {path} belongs to other weights or settings ({'; '.join(diffs)}). "
+                        f"Use the flags it was started with, or delete it to start the test evaluation over.")
+    return state
+
+
 def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv, extra, t_start, commit,
-                      checkpoint_path: Path | None = None):
+                      checkpoint_path: Path | None = None, deadline: float | None = None):
     """Test-set L_S (the only use of the test set), figures, result.json, optional publish (of the result,
-    the figures and a weights-only copy of `checkpoint_path`)."""
+    the figures and a weights-only copy of `checkpoint_path`).
+
+    The evaluation keeps its progress in test_eval.pt (one file per process under torchrun), saved every minute,
+    at `deadline` and on SIGINT/SIGTERM, so that a long L_5000 survives interruption: the same command continues
+    it bit-exactly (SegmentEnd at the deadline). The file is removed once result.json is written."""
     test = data.test if cfg.n_test == 0 else data.test.subset(cfg.n_test)
+    local_test = shard(test, dist_info)
+    state_path = out_dir / (f"test_eval.rank{dist_info.rank}.pt" if dist_info.enabled else "test_eval.pt")
+    identity = {"weights_sha256": weights_fingerprint(model), "eval_samples": cfg.eval_samples, "seed": cfg.seed + 1,
+                "n_test": len(test), "world_size": dist_info.world_size,
+                "eval_chunk": eval_chunk_size(rung, cfg, device), "device_type": device.type}
+    state = _load_eval_state(state_path, identity)
+    eval_time_prev, segments = (state["eval_time_s"], state["segments"]) if state is not None else (0.0, 0)
+    if state is not None:  # wall time so far: what the earlier invocations had when they saved
+        t_start = time.time() - state["wall_time_s"]
+        if dist_info.is_main:
+            print(f"resuming the test evaluation in {state_path}: {state['progress']['done']}/{len(local_test)} "
+                  f"images done")
     t_eval = time.time()
-    ll = evaluate_bound(model, shard(test, dist_info), cfg.eval_samples, seed=cfg.seed + 1,
-                        chunk=_eval_chunk_size(cfg, device), progress=dist_info.is_main, desc="test L_S")
+
+    def save_state(progress):
+        atomic_torch_save({"identity": identity, "progress": progress, "segments": segments + 1,
+                           "eval_time_s": eval_time_prev + time.time() - t_eval,
+                           "wall_time_s": time.time() - t_start}, state_path)
+
+    ll = evaluate_bound(model, local_test, cfg.eval_samples, seed=cfg.seed + 1, chunk=identity["eval_chunk"],
+                        progress=dist_info.is_main, desc="test L_S",
+                        resume=state["progress"] if state is not None else None, deadline=deadline, on_save=save_state)
+    if _any_rank(ll is None, dist_info, device):  # the segment ended before every process was done
+        if ll is not None:  # this one is: keep its values for the next invocation
+            save_state({"done": len(local_test), "ll": ll, "rng": None, "chunk": identity["eval_chunk"]})
+        raise SegmentEnd(f"--segment-minutes {cfg.segment_minutes:g}: the segment ended during the test evaluation "
+                         f"(L_{cfg.eval_samples}); its progress is in {state_path}. Run the same command again to "
+                         f"continue it.")
     ll = gather_per_image(ll, dist_info, device)
-    eval_time = time.time() - t_eval
+    eval_time = eval_time_prev + time.time() - t_eval
     if not dist_info.is_main:
+        state_path.unlink(missing_ok=True)
         return None
     summary = summarize(ll, data.info.num_dims, data.info.binary)
     prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
@@ -883,10 +1006,12 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
     if rung.extra_metrics is not None:  # the rung's own analysis of the same test images
         extra = {**extra, **rung.extra_metrics(model, test, cfg)}
     result = _result_record(rung, cfg, name, data.info, summary, len(test),
-                            {**extra, "eval_time_s": round(eval_time, 1), "figure_prefix": prefix}, device,
+                            {**extra, "eval_time_s": round(eval_time, 1), "eval_segments": segments + 1,
+                             "eval_chunk": identity["eval_chunk"], "figure_prefix": prefix}, device,
                             time.time() - t_start, argv, commit)
     result_path = out_dir / "result.json"
     atomic_write_json(result_path, result)
+    state_path.unlink(missing_ok=True)
     bpd = f", {summary['bpd']:.4f} bits/dim" if summary["bpd"] is not None else ""
     print(f"test L_{cfg.eval_samples} on {len(test)} images: {summary['ll_nats']:.2f} "
           f"± {summary['ll_stderr']:.2f} nats{bpd}  ({out_dir / 'result.json'})")
@@ -940,10 +1065,16 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     extra["steps"] = ckpt.get("step")
     _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv,
                       {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
-                      t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint))
+                      t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint),
+                      deadline=segment_deadline(cfg, t_start))
     if dist_info.enabled:
         dist.destroy_process_group()
     return 0
+
+
+def segment_deadline(cfg, t_start: float) -> float | None:
+    """The time.time() at which this invocation's --segment-minutes run out (None: no segments)."""
+    return t_start + 60.0 * cfg.segment_minutes if cfg.segment_minutes > 0 else None
 
 
 def _inject_nan_steps() -> tuple[int, int]:
@@ -958,6 +1089,7 @@ def _inject_nan_steps() -> tuple[int, int]:
 
 def train(rung: Rung, cfg, argv) -> int:
     t_start = time.time()
+    deadline = segment_deadline(cfg, t_start)
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info)
     name = run_name(rung, cfg)
@@ -1007,6 +1139,7 @@ def train(rung: Rung, cfg, argv) -> int:
     val_every = cfg.val_every if cfg.val_every > 0 else batcher.steps_per_epoch
 
     step, n_skipped, best_val, best_step, train_time_prev = 0, 0, -math.inf, -1, 0.0
+    time_limited = False  # --max-train-minutes ended training (then a resumed run goes straight to the test set)
     commit = git_commit()  # the code that trains these weights; a resumed run keeps its first commit
     if dist_info.is_main:
         for tmp in remove_stale_temp_files(out_dir):
@@ -1027,7 +1160,10 @@ def train(rung: Rung, cfg, argv) -> int:
         if dist_info.rank > 0:  # the checkpoint holds process 0's RNG state: draw distinct noise elsewhere
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_info.rank, step]).generate_state(1)[0]))
         best_val, best_step = resume_state["best_val_bound_nats"], resume_state["best_step"]
+        time_limited = resume_state.get("stopped_by_time_limit", False)
         train_time_prev = resume_state["train_time_s"]
+        # wall time of the earlier invocations (older checkpoints lack it: their training time stands in)
+        t_start -= resume_state.get("wall_time_s", train_time_prev)
         if dist_info.is_main:
             print(f"resuming {out_dir} at step {step}/{total_steps}")
     elif dist_info.is_main:
@@ -1058,8 +1194,8 @@ def train(rung: Rung, cfg, argv) -> int:
                 "step": step, "epochs": step / batcher.steps_per_epoch,
                 "n_skipped": n_skipped + int(meters.skipped.item()),
                 "consecutive_skips": int(meters.consecutive_skips.item()), "last_finite_metrics": last_finite,
-                "best_val_bound_nats": best_val, "best_step": best_step,
-                "train_time_s": train_time_prev + (time.time() - t_train)}
+                "best_val_bound_nats": best_val, "best_step": best_step, "stopped_by_time_limit": time_limited,
+                "train_time_s": train_time_prev + (time.time() - t_train), "wall_time_s": time.time() - t_start}
 
     saved_step = resume_state["step"] if resume_state is not None else None
 
@@ -1073,7 +1209,7 @@ def train(rung: Rung, cfg, argv) -> int:
         """The validation bound L_{val_samples} (EMA weights if any); a new best is saved as best.pt."""
         nonlocal best_val, best_step
         val_ll = gather_per_image(evaluate_bound(eval_model, shard(data.val, dist_info), cfg.val_samples,
-                                                 seed=cfg.seed, chunk=_eval_chunk_size(cfg, device)),
+                                                 seed=cfg.seed, chunk=eval_chunk_size(rung, cfg, device)),
                                   dist_info, device)
         val_bound = val_ll.mean().item()
         if dist_info.is_main:
@@ -1108,10 +1244,11 @@ def train(rung: Rung, cfg, argv) -> int:
         meters.consecutive_skips.fill_(resume_state.get("consecutive_skips", 0))
         last_finite = resume_state.get("last_finite_metrics") or {}
     t_train, t_log, step_log = time.time(), time.time(), step
+    first_step = step
     stop_reason = None
     check_every = min(cfg.log_every, cfg.max_consecutive_skips)  # consecutive skips are read this often
     try:
-        while step < total_steps:
+        while step < total_steps and not time_limited:
             lr = train_step(train_model, optimizer, params, batcher.next(), cfg, step, total_steps, meters, amp,
                             ema=ema, world_size=dist_info.world_size, poison=nan_from <= step <= nan_to)
             step += 1
@@ -1158,10 +1295,15 @@ def train(rung: Rung, cfg, argv) -> int:
             if cfg.max_train_minutes > 0 and step % cfg.log_every == 0 and step < total_steps \
                     and _any_rank(train_time_prev + time.time() - t_train > 60 * cfg.max_train_minutes, dist_info,
                                   device):
-                stop_reason = "time"
+                stop_reason, time_limited = "time", True
                 if step % val_every != 0:  # select on a fresh validation bound at the stopping point
                     validate_and_keep_best()
                 save_checkpoint()
+                break
+            if deadline is not None and step % cfg.log_every == 0 and step < total_steps \
+                    and _any_rank(time.time() >= deadline, dist_info, device):
+                save_checkpoint()
+                stop_reason = "segment"
                 break
     finally:
         bar.close()
@@ -1187,7 +1329,14 @@ def train(rung: Rung, cfg, argv) -> int:
             log.write("stop", step=step, reason="consecutive_skips", skipped_total=n_skipped)
             print(message, file=sys.stderr)
         return 3
-    if dist_info.is_main:
+    if stop_reason == "segment":
+        if dist_info.is_main:
+            log.write("segment_end", step=step, train_time_s=round(train_time, 1), best_val_bound_nats=best_val,
+                      best_step=best_step)
+        raise SegmentEnd(f"--segment-minutes {cfg.segment_minutes:g}: the segment ended after step {step}/{total_steps} "
+                         f"(best validation bound {best_val:.2f} nats at step {best_step}); checkpoint written to "
+                         f"{ckpt_path}. Run the same command again to continue.")
+    if dist_info.is_main and step > first_step:  # (a run resumed after its last step goes straight to the test)
         log.write("done", step=step, train_time_s=round(train_time, 1), skipped_total=n_skipped,
                   best_val_bound_nats=best_val, best_step=best_step, stop_reason=stop_reason or "completed")
 
@@ -1199,10 +1348,10 @@ def train(rung: Rung, cfg, argv) -> int:
     extra = {"steps": step, "epochs": round(step / batcher.steps_per_epoch, 2), "best_step": best_step,
              "best_val_bound_nats": best_val, "val_samples": cfg.val_samples, "n_val": len(data.val),
              "n_skipped": n_skipped, "train_time_s": round(train_time, 1),
-             "stopped_by_time_limit": stop_reason == "time", "world_size": dist_info.world_size,
+             "stopped_by_time_limit": time_limited, "world_size": dist_info.world_size,
              "train_precision": "bf16 autocast" if amp else "float32"}
     result = _final_evaluation(rung, cfg, eval_model, data, dist_info, device, out_dir, name, argv, extra, t_start,
-                               commit, checkpoint_path=best_path)
+                               commit, checkpoint_path=best_path, deadline=deadline)
     if dist_info.is_main and result is not None:
         log.write("test", step=step, test_ll_nats=result["test_ll_nats"], test_ll_stderr=result["test_ll_stderr"],
                   test_bpd=result["test_bpd"], eval_samples=cfg.eval_samples, n_test=result["n_test"])
