@@ -334,9 +334,11 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         # "-dirty": tracked code or docs differ from HEAD. Published outputs (results/, assets/, checkpoints/)
-        # do not count: a second benchmark or publish would otherwise mark itself dirty by the first one's files.
+        # and the committed state of long runs (campaign/) do not count: a second benchmark, publish or campaign
+        # segment would otherwise mark itself dirty by the files of the first.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results", ":(exclude)assets", ":(exclude)checkpoints"], cwd=REPO_ROOT,
+                                ":(exclude)results", ":(exclude)assets", ":(exclude)checkpoints",
+                                ":(exclude)campaign"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
