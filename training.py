@@ -534,8 +534,9 @@ def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, ch
 
     Resumable: `on_save(progress)` receives {"done": images finished, "ll": their [done] values, "rng": the random
     state at that point, "chunk": latents per pass} every `save_every_s` seconds, when `deadline` (a time.time()
-    value) has passed -- then the function returns None -- and on SIGINT/SIGTERM (Interrupted) before re-raising.
-    `resume=progress` continues from such a record; the result is bit-identical to an uninterrupted call.
+    value) has passed -- then the function returns None; every call finishes at least one pass first, so a chain of
+    calls always progresses -- and on SIGINT/SIGTERM (Interrupted) before re-raising. `resume=progress` continues
+    from such a record; the result is bit-identical to an uninterrupted call.
     """
     from tqdm import tqdm
 
@@ -554,13 +555,14 @@ def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, ch
         bar = tqdm(total=n, initial=start, desc=desc, disable=not progress, leave=False, mininterval=1.0)
         last_save = time.time()
         boundary_rng = _device_rng_state(device)  # the random state at `start`, a pass boundary
+        first = start
 
         def progress_record():
             return {"done": start, "ll": results[:start].clone(), "rng": boundary_rng, "chunk": chunk}
 
         try:
             while start < n:
-                if deadline is not None and time.time() >= deadline:
+                if deadline is not None and start > first and time.time() >= deadline:
                     if on_save is not None:
                         on_save(progress_record())
                     results = None
