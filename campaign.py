@@ -1,0 +1,243 @@
+"""campaign.py: long CPU work cut into resumable segments whose whole state is committed under campaign/.
+
+A session of this workplace lasts hours and a run that outlives it dies, so the long runs of the story
+(model01 to the paper's 3280 epochs, L_5000 re-scores of the published checkpoints) go in segments: every
+job is an ordinary `modelNN.py` command with `--segment-minutes`, whose out-dir lives in campaign/ and is
+committed after the session. A segment ends by saving the run's full state -- ckpt.pt (weights, Adam, EMA,
+data order, every RNG state) or test_eval.pt (the per-image bounds so far and the random state) -- and
+exiting 75; the next session runs the same command and continues bit for bit (tests/test_segments.py).
+A job that finishes publishes its result (--publish), and README's tables are regenerated.
+
+    python campaign.py status                  # every job: steps, validation bound, test progress, result
+    python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does this)
+    python campaign.py run --minutes 150       # the jobs in order on --lanes 2 processes of 1 thread each
+    python campaign.py command JOB             # one job's command line, to run or inspect by hand
+
+After `run`: commit campaign/ (and results/, assets/, checkpoints/, README.md when a job finished).
+Resuming bit-exactly needs the same device type and torch build (here: CPU, torch of requirements.txt).
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+CAMPAIGN_DIR = "campaign"
+EXIT_SEGMENT_END = 75  # training.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
+
+
+@dataclass
+class Job:
+    name: str  # also the out-dir under campaign/
+    script: str
+    args: list[str]
+    why: str
+
+    @property
+    def out_dir(self) -> str:
+        return f"{CAMPAIGN_DIR}/{self.name}"
+
+    def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
+        cmd = ["python", self.script, *self.args, "--device", "cpu", "--out-dir", self.out_dir, "--publish"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        if minutes:
+            cmd += ["--segment-minutes", f"{minutes:g}"]
+        return cmd
+
+
+def rescore(checkpoint: str) -> Job:
+    script = checkpoint.split("_", 1)[0] + ".py"
+    return Job(f"eval5000_{checkpoint}", script,
+               ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000"],
+               f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)")
+
+
+# In order: a free lane takes the first job that is neither finished nor running.
+JOBS = [
+    Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py",
+        ["--importance-samples", "5", "--epochs", "3280", "--lr-schedule", "iwae", "--cpu-bf16",
+         "--val-every", "5900", "--checkpoint-every", "5900", "--log-every", "1000"],
+        "model01 k=5 to Burda et al.'s 3280 epochs and 8-stage schedule (batch 100, not 20), bf16 CPU steps, "
+        "L_5000 on the 10k test images"),
+    rescore("model03_fashion-mnist_iwae_k5_seed0"),
+    rescore("model02_fashion-mnist_iwae_k5_seed0"),
+    rescore("model03_fashion-mnist_iwae_k5_unbounded_seed0"),
+    rescore("model02_fashion-mnist_iwae_k5_unbounded_seed0"),
+    rescore("model04_fashion-mnist_vae_k1_L6_seed0"),
+    rescore("model04_binarized-mnist_vae_k1_L6_seed0"),
+]
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def _torch_load(path: Path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def job_status(job: Job) -> dict:
+    """What the job's out-dir says: finished (result), training progress (ckpt.pt) and test progress (test_eval.pt)."""
+    out = REPO_ROOT / job.out_dir
+    status = {"job": job.name, "state": "not started"}
+    if (out / "result.json").exists():
+        result = json.loads((out / "result.json").read_text())
+        bpd = f", {result['test_bpd']:.4f} bits/dim" if result.get("test_bpd") is not None else ""
+        return {**status, "state": "finished",
+                "detail": f"test L_{result['eval_samples']} = {result['test_ll_nats']:.2f} ± "
+                          f"{result['test_ll_stderr']:.2f} nats{bpd} on {result['n_test']} images, "
+                          f"{result['wall_time_s'] / 3600:.2f} h in all"}
+    details = []
+    if (out / "ckpt.pt").exists():
+        ckpt = _torch_load(out / "ckpt.pt")
+        total = _total_steps(ckpt)
+        details.append(f"step {ckpt['step']:,}/{total:,} ({ckpt['epochs']:.0f} epochs), best validation bound "
+                       f"{ckpt['best_val_bound_nats']:.2f} nats at step {ckpt['best_step']:,}, training "
+                       f"{ckpt['train_time_s'] / 3600:.2f} h")
+        status["state"] = "training" if ckpt["step"] < total else "evaluating"
+    for path in sorted(out.glob("test_eval*.pt")):
+        state = _torch_load(path)
+        done, n = state["progress"]["done"], state["identity"]["n_test"]
+        details.append(f"test L_{state['identity']['eval_samples']}: {done:,}/{n:,} images in "
+                       f"{state['segments']} segment(s), {state['eval_time_s'] / 3600:.2f} h")
+        status["state"] = "evaluating"
+    if details:
+        status["detail"] = "; ".join(details)
+    return status
+
+
+def _total_steps(ckpt: dict) -> int:
+    cfg = ckpt["config"]
+    if cfg["max_steps"] > 0:
+        return cfg["max_steps"]
+    per_epoch = round(ckpt["step"] / ckpt["epochs"]) if ckpt["epochs"] else 0
+    return cfg["epochs"] * per_epoch
+
+
+def print_status(record: bool = False, note: str = ""):
+    """Print every job's status; `record`: also append it to campaign/sessions.jsonl (the per-session report)."""
+    statuses = [job_status(job) for job in JOBS]
+    for s in statuses:
+        print(f"{s['job']}: {s['state']}" + (f" -- {s['detail']}" if "detail" in s else ""))
+    if record:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit, "note": note,
+                 "jobs": statuses}
+        path = REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"appended to {path.relative_to(REPO_ROOT)}")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Lanes:
+    """`lanes` worker threads, each running one job at a time as a subprocess with 1 CPU thread."""
+
+    def __init__(self, minutes: float, lanes: int, data_dir: str | None, log_dir: Path):
+        self.deadline, self.minutes = time.time() + 60 * minutes, minutes
+        self.lanes, self.data_dir, self.log_dir = lanes, data_dir, log_dir
+        self.lock = threading.Lock()
+        self.claimed: set[str] = set()
+        self.children: list[subprocess.Popen] = []
+        self.finished, self.failed = [], []
+        self.stopping = False
+
+    def next_job(self) -> Job | None:
+        with self.lock:
+            for job in JOBS:
+                if job.name not in self.claimed and job_status(job)["state"] != "finished":
+                    self.claimed.add(job.name)
+                    return job
+        return None
+
+    def lane(self, index: int):
+        while not self.stopping:
+            minutes_left = (self.deadline - time.time()) / 60
+            if minutes_left < 1:
+                return
+            job = self.next_job()
+            if job is None:
+                return
+            cmd = job.command(round(minutes_left, 1), self.data_dir)
+            log = self.log_dir / f"{job.name}.log"
+            print(f"[lane {index}] {' '.join(cmd)}  (output: {log})", flush=True)
+            with open(log, "a") as f:
+                child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                self.children.append(child)
+                code = child.wait()
+            if code == 0:
+                self.finished.append(job.name)
+                print(f"[lane {index}] {job.name}: finished and published", flush=True)
+            elif code == EXIT_SEGMENT_END:
+                print(f"[lane {index}] {job.name}: segment ended, state saved in {job.out_dir}", flush=True)
+                return
+            else:
+                self.failed.append(job.name)
+                print(f"[lane {index}] {job.name}: exit {code}, see {log}", flush=True)
+
+    def run(self) -> int:
+        def forward(signum, frame):  # children save their state on SIGINT/SIGTERM
+            self.stopping = True
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, forward)
+        threads = [threading.Thread(target=self.lane, args=(i,)) for i in range(self.lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self.finished:
+            subprocess.run([sys.executable, "compare.py", "--update-readme"], cwd=REPO_ROOT, check=False)
+        print()
+        print_status(record=True, note=f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}")
+        print(f"\nnow commit the state: git add {CAMPAIGN_DIR} results assets checkpoints README.md && git commit")
+        return 1 if self.failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    status = sub.add_parser("status", help="what every job has done")
+    status.add_argument("--record", action="store_true", help="append the status to campaign/sessions.jsonl")
+    status.add_argument("--note", default="", help="with --record: a note for the entry (e.g. how the segments ran)")
+    run = sub.add_parser("run", help="run the jobs in segments for up to --minutes")
+    run.add_argument("--minutes", type=float, required=True, help="wall-clock minutes for this session's segments")
+    run.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="jobs at once, 1 thread each (default: cores)")
+    run.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
+    run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
+    command = sub.add_parser("command", help="print one job's command line")
+    command.add_argument("job", choices=[job.name for job in JOBS], help="job name")
+    command.add_argument("--minutes", type=float, default=None, help="add --segment-minutes")
+    command.add_argument("--data-dir", default=None, help="add --data-dir")
+    args = parser.parse_args(argv)
+    if args.action == "status":
+        print_status(args.record, args.note)
+        return 0
+    if args.action == "command":
+        job = next(j for j in JOBS if j.name == args.job)
+        print(" ".join(job.command(args.minutes, args.data_dir)))
+        return 0
+    if args.minutes <= 0 or args.lanes < 1:
+        parser.error("--minutes must be > 0 and --lanes >= 1")
+    log_dir = REPO_ROOT / args.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return Lanes(args.minutes, args.lanes, args.data_dir, log_dir).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

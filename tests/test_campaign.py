@@ -1,0 +1,59 @@
+"""campaign.py: every job is a valid command of its script, and `status` reads what segmented runs leave behind."""
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+import campaign
+import training
+from conftest import ROOT
+from test_segments import SEGMENTED, call  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("job", campaign.JOBS, ids=lambda job: job.name)
+def test_every_job_is_a_valid_command_of_its_script(job):
+    cmd = job.command(minutes=150, data_dir="../shared/data")
+    assert cmd[:2] == ["python", job.script] and "--publish" in cmd and cmd[-2:] == ["--segment-minutes", "150"]
+    module = importlib.import_module(job.script[:-3])
+    args = module.build_parser().parse_args(cmd[2:])  # a typo in a flag exits here
+    cfg = module.RUNG.config_class.from_dict(vars(args))
+    training.validate_config(cfg)
+    assert cfg.out_dir == f"campaign/{job.name}" and cfg.device == "cpu"
+    if cfg.eval_only:  # a re-score: of a published checkpoint, at the story's S
+        assert (ROOT / cfg.checkpoint).is_file() and cfg.eval_samples == 5000
+        assert job.name == f"eval5000_{Path(cfg.checkpoint).stem}"
+    else:  # a training job keeps the run's name, so publishing replaces the row it improves
+        assert job.name == training.run_name(module.RUNG, cfg)
+
+
+def test_job_names_are_unique():
+    names = [job.name for job in campaign.JOBS]
+    assert len(names) == len(set(names))
+
+
+def test_status_reads_training_evaluation_and_result(call, monkeypatch, data_dir, tmp_path):  # noqa: F811
+    job = campaign.Job("tiny", "model01.py", [], "a test run")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [job])
+    out = tmp_path / job.out_dir
+    assert campaign.job_status(job) == {"job": "tiny", "state": "not started"}
+
+    monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # one log interval or pass
+    flags = ["--out-dir", out, "--data-dir", data_dir, *SEGMENTED]
+    assert call(*flags)[0] == training.EXIT_SEGMENT_END
+    status = campaign.job_status(job)
+    assert status["state"] == "training" and "step 10/40" in status["detail"], status
+    while call(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
+        pass
+    status = campaign.job_status(job)
+    assert status["state"] == "evaluating" and "test L_5: 10/50 images in 1 segment(s)" in status["detail"], status
+    while call(*flags)[0] == training.EXIT_SEGMENT_END:
+        pass
+    status = campaign.job_status(job)
+    result = json.loads((out / "result.json").read_text())
+    assert status["state"] == "finished" and f"{result['test_ll_nats']:.2f}" in status["detail"]
+
+    campaign.print_status(record=True, note="test")
+    entry = json.loads((tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()[-1])
+    assert entry["note"] == "test" and entry["jobs"] == [status]
