@@ -10,8 +10,10 @@ For every model in REGISTRY (one entry per rung) and on one device, in one proce
          torch's own Bernoulli (ours: distributions.FastBernoulli, same values), and the skip
          decided on the host (`.item()`). On CPU also `ours_cpu_bf16`: our step as
          `modelNN.py --cpu-bf16` runs it (bf16 autocast; fast on CPUs with AVX512-BF16 or AMX).
-  eval   importance samples/s of training.evaluate_bound (samples folded into large chunks, a
-         streaming log-sum-exp) against the naive loop, one decoder pass per sample.
+  eval   importance samples/s of training.evaluate_bound (samples folded into chunks of
+         training.eval_chunk_size latents, a streaming log-sum-exp) against the naive loop, one decoder pass per
+         sample. On CPU also `previous_cpu_defaults`: the same evaluate_bound as it ran on CPU before commit f5fc69e
+         (passes of 2^14 latents, model02/03 in NCHW), i.e. the evaluation speed before and after that change.
   memory peak during each phase. CUDA: torch.cuda.max_memory_allocated (reset before the phase).
          CPU: the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs
          before the phase); it includes the data set, both models and the Python runtime.
@@ -22,6 +24,8 @@ both alike) and the medians over repeats are reported.
 
     python bench.py --device cpu     # model01 at 1 thread and at all cores -> results/bench_cpu.json
     python bench.py --device cuda    # every rung in REGISTRY -> results/bench_<gpu>.json, e.g. bench_h100.json
+    python bench.py --device cpu --phases eval --models model01 model02 model03 model04 --threads 1 \
+        --out results/bench_cpu_eval.json   # CPU evaluation of every rung, before/after (minutes, no training)
 
 On a CPU whose cores other processes keep busy, more than one thread mostly measures contention (each
 parallel op waits for a descheduled thread); `--threads 1` then gives the meaningful comparison.
@@ -30,6 +34,7 @@ Adding a rung: one REGISTRY entry (its script, the data set to run on, config ov
 has one, its naive per-sample forward).
 """
 import argparse
+import copy
 import datetime
 import importlib
 import math
@@ -370,8 +375,23 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
         data_cache[spec.dataset] = data_lib.load_data(spec.dataset, args.data_dir, device)
     data = data_cache[spec.dataset]
     rung, cfg, model_ours = build(spec, args, data, device)
-    _, _, model_naive = build(spec, args, data, device)  # the same initial weights, its own optimizer
     n_params = sum(p.numel() for p in model_ours.parameters())
+    threads = torch.get_num_threads()
+    result = {"model": name, "threads": threads, "script": f"{spec.script}.py", "dataset": spec.dataset,
+              "parameters": n_params,
+              "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
+              "naive_forward": spec.naive_forward.__name__, "train": {}, "eval": {}}
+    if "train" in args.phases:
+        bench_training(spec, args, data, device, memory, rung, cfg, model_ours, result)
+    if "eval" in args.phases:
+        bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, result)
+    return result
+
+
+def bench_training(spec, args, data, device, memory, rung, cfg, model_ours, result: dict):
+    """Training images/s, peak memory and host syncs of ours, naive (and --compile / --cpu-bf16) -> result["train"]."""
+    name, threads = result["model"], result["threads"]
+    _, _, model_naive = build(spec, args, data, device)  # the same initial weights, its own optimizer
     ours = OurTraining(model_ours, cfg, data, device)
     naive = NaiveTraining(model_naive, cfg, data, device, spec.naive_forward)
     variants = {"ours": ours, "naive": naive}
@@ -393,13 +413,9 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
                 variant.step()
         return run
 
-    threads = torch.get_num_threads()
-    print(f"[{name}, {threads} threads] {n_params:,} parameters, batch {cfg.batch_size}, k={cfg.importance_samples}, "
-          f"{args.steps} steps x {args.repeats} repeats after {args.warmup_steps} warm-up steps", flush=True)
-    result = {"model": name, "threads": threads, "script": f"{spec.script}.py", "dataset": spec.dataset,
-              "parameters": n_params,
-              "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
-              "naive_forward": spec.naive_forward.__name__, "train": {}, "eval": {}}
+    print(f"[{name}, {threads} threads] {result['parameters']:,} parameters, batch {cfg.batch_size}, "
+          f"k={cfg.importance_samples}, {args.steps} steps x {args.repeats} repeats after {args.warmup_steps} "
+          f"warm-up steps", flush=True)
 
     # host syncs of one step each (after one step, so lazily created state exists)
     for variant_name, variant in variants.items():
@@ -436,41 +452,60 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
         result["train"]["speedup_cpu_bf16"] = (result["train"]["ours_cpu_bf16"]["images_per_s"]
                                                / result["train"]["naive"]["images_per_s"])
 
-    # evaluation: both estimators on the same trained-for-a-few-steps weights and the same test images
+
+
+PREVIOUS_CPU_EVAL_CHUNK = 1 << 14  # training._eval_chunk_size on CPU before commit f5fc69e
+
+
+def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, result: dict):
+    """Evaluation samples/s and peak memory of ours, naive (and on CPU the previous defaults) -> result["eval"].
+    All variants score the same weights (trained for the training phase's steps, if it ran) and test images."""
+    name, threads = result["model"], result["threads"]
     test = data.test.subset(args.eval_images)
     chunk = training.eval_chunk_size(rung, cfg, device)
     eval_model = model_ours
+    variants = {"ours": (eval_model, chunk), "naive": (eval_model, None)}
+    if device.type == "cpu":  # as training.prepare_model built it on CPU before: no NHWC conversion of its own
+        previous = rung.build_model(cfg, data.info).to(device)
+        previous.load_state_dict(copy.deepcopy(eval_model.state_dict()))
+        variants["previous_cpu_defaults"] = (previous, PREVIOUS_CPU_EVAL_CHUNK)
     lls = {}
 
     def eval_runner(variant_name):
+        model, variant_chunk = variants[variant_name]
+
         def run():
-            if variant_name == "ours":
-                torch.distributions.Distribution.set_default_validate_args(False)
-                lls["ours"] = training.evaluate_bound(eval_model, test, args.eval_samples, seed=args.seed,
-                                                      chunk=chunk)
-            else:
+            if variant_name == "naive":
                 torch.distributions.Distribution.set_default_validate_args(True)
-                lls["naive"] = naive_evaluate(eval_model, test, args.eval_samples, spec.naive_forward)
+                lls["naive"] = naive_evaluate(model, test, args.eval_samples, spec.naive_forward)
+            else:
+                torch.distributions.Distribution.set_default_validate_args(False)
+                lls[variant_name] = training.evaluate_bound(model, test, args.eval_samples, seed=args.seed,
+                                                            chunk=variant_chunk)
         return run
 
     print(f"[{name}, {threads} threads] evaluation: {args.eval_images} test images x {args.eval_samples} samples, "
           f"{args.eval_repeats} repeats", flush=True)
-    for variant_name in ("ours", "naive"):  # warm-up and peak memory
+    for variant_name in variants:  # warm-up and peak memory
         memory.reset()
         start = memory.current_bytes()
         eval_runner(variant_name)()
         result["eval"][variant_name] = {"memory_at_start_bytes": start, "peak_memory_bytes": memory.peak_bytes()}
-    seconds = interleaved_timings({n: eval_runner(n) for n in ("ours", "naive")}, args.eval_repeats, device)
+    seconds = interleaved_timings({n: eval_runner(n) for n in variants}, args.eval_repeats, device)
     torch.distributions.Distribution.set_default_validate_args(False)
     samples = args.eval_images * args.eval_samples
-    for variant_name in ("ours", "naive"):
+    for variant_name in variants:
         per_repeat = [samples / s for s in seconds[variant_name]]
         result["eval"][variant_name].update({
             "samples_per_s": median(per_repeat), "samples_per_s_repeats": [round(v, 1) for v in per_repeat],
-            "ll_nats": lls[variant_name].mean().item()})
+            "chunk_latents": variants[variant_name][1], "ll_nats": lls[variant_name].mean().item()})
+    ours = result["eval"]["ours"]["samples_per_s"]
     result["eval"].update({"eval_samples": args.eval_samples, "eval_images": args.eval_images, "chunk_latents": chunk,
-                           "speedup": result["eval"]["ours"]["samples_per_s"] / result["eval"]["naive"]["samples_per_s"]})
-    return result
+                           "speedup": ours / result["eval"]["naive"]["samples_per_s"],
+                           # the story's number: L_5000 on a 10,000-image test set at this rate, one process
+                           "hours_for_test_l5000": 5000 * 10_000 / ours / 3600})
+    if "previous_cpu_defaults" in variants:
+        result["eval"]["speedup_vs_previous_cpu_defaults"] = ours / result["eval"]["previous_cpu_defaults"]["samples_per_s"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -489,29 +524,33 @@ def device_slug(device: torch.device) -> str:
 def print_table(report: dict):
     print(f"\ndevice: {report['device']}   torch {report['torch_version']}   "
           f"load average {report['load_average_1min_at_start']} -> {report['load_average_1min_at_end']}")
-    print(f"{'model':8} {'threads':>7} {'phase':6} {'variant':14} {'rate':>16} {'peak mem':>10} {'host syncs/step':>16}")
+    print(f"{'model':8} {'threads':>7} {'phase':6} {'variant':22} {'rate':>16} {'peak mem':>10} {'host syncs/step':>16}")
     for res in report["results"]:
         name, threads = res["model"], res["threads"]
-        for variant, v in res["train"].items():
-            if isinstance(v, dict):
-                syncs = v.get("host_syncs_per_step", {}).get("total", "-")
-                print(f"{name:8} {threads:>7} {'train':6} {variant:14} {v['images_per_s']:>9.0f} im/s   "
-                      f"{v['peak_memory_bytes'] / 2**20:>6.0f} MiB {syncs:>16}")
-        for variant in ("ours", "naive"):
-            v = res["eval"][variant]
-            print(f"{name:8} {threads:>7} {'eval':6} {variant:14} {v['samples_per_s']:>9.0f} samples/s "
-                  f"{v['peak_memory_bytes'] / 2**20:>6.0f} MiB")
+        for phase, unit, rate in (("train", "im/s     ", "images_per_s"), ("eval", "samples/s", "samples_per_s")):
+            for variant, v in res[phase].items():
+                if isinstance(v, dict):
+                    syncs = v.get("host_syncs_per_step", {}).get("total", "-")
+                    print(f"{name:8} {threads:>7} {phase:6} {variant:22} {v[rate]:>9.0f} {unit} "
+                          f"{v['peak_memory_bytes'] / 2**20:>6.0f} MiB {syncs:>16}")
     print()
     for res in report["results"]:
-        line = f"{res['model']}, {res['threads']} threads: training {res['train']['speedup']:.2f}x the naive step"
-        if "speedup_compiled" in res["train"]:
-            line += f" ({res['train']['speedup_compiled']:.2f}x with torch.compile)"
-        if "speedup_cpu_bf16" in res["train"]:
-            line += f", {res['train']['speedup_cpu_bf16']:.2f}x with --cpu-bf16"
-        ev = res["eval"]
-        line += (f"; evaluation {ev['speedup']:.2f}x the naive per-sample loop (L_{ev['eval_samples']} on "
-                 f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")
-        print(line)
+        parts = []
+        tr, ev = res["train"], res["eval"]
+        if tr:
+            line = f"training {tr['speedup']:.2f}x the naive step"
+            if "speedup_compiled" in tr:
+                line += f" ({tr['speedup_compiled']:.2f}x with torch.compile)"
+            if "speedup_cpu_bf16" in tr:
+                line += f", {tr['speedup_cpu_bf16']:.2f}x with --cpu-bf16"
+            parts.append(line)
+        if ev:
+            line = (f"evaluation {ev['speedup']:.2f}x the naive per-sample loop (L_{ev['eval_samples']} on "
+                    f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")
+            if "speedup_vs_previous_cpu_defaults" in ev:
+                line += f", {ev['speedup_vs_previous_cpu_defaults']:.2f}x the previous CPU defaults"
+            parts.append(line + f"; L_5000 on 10k test images: {ev['hours_for_test_l5000']:.1f} h")
+        print(f"{res['model']}, {res['threads']} threads: " + "; ".join(parts))
     print(f"peak memory: {report['memory_measure']}")
 
 
@@ -536,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch CPU threads; several values measure each in turn (default on CPU: 1 and all cores, "
            "e.g. 1 2; on CUDA torch's choice)")
     a("--compile", action="store_true", help="also time our step with torch.compile (compile time excluded)")
+    a("--phases", nargs="+", default=["train", "eval"], choices=["train", "eval"],
+      help="what to measure (default both): training steps, evaluation of L_S")
     a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default=None, help="JSON report path (default results/bench_<device>.json, e.g. bench_cpu.json)")

@@ -16,6 +16,7 @@ write prose outside them:
     <!-- results:MODEL:start --> ... <!-- results:MODEL:end -->    one rung's results and their commands
     <!-- figures:MODEL:start --> ... <!-- figures:MODEL:end -->    one rung's figure rows (from assets/)
     <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
+    <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
 --check also fails when README shows an image that does not exist.
 
 Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
@@ -38,7 +39,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures|bench)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -231,7 +232,11 @@ def load_benches(results_dir: Path) -> list[dict]:
     for path in sorted(results_dir.glob("bench_*.json")) if results_dir.is_dir() else []:
         try:
             report = json.loads(path.read_text())
-            report["results"][0]["train"]["ours"]["images_per_s"]  # the shape bench.py writes
+            first = report["results"][0]  # the shape bench.py writes: training and/or evaluation (--phases)
+            if first["train"]:
+                first["train"]["ours"]["images_per_s"]
+            else:
+                first["eval"]["ours"]["samples_per_s"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
             raise CompareError(f"{path} is not a report written by bench.py ({type(e).__name__}: {e}); "
                                f"rerun `python bench.py` or move it out of {results_dir}.") from None
@@ -244,7 +249,15 @@ BENCH_HEADER = ("| device | model | threads | training: ours / naive (images/s) 
                 "host syncs per step: ours / naive |")
 
 
+def _bench_note(report: dict, link: str) -> str:
+    return (f"- [{link}]({link}): `{report.get('command', '?')}` at commit {commit_label(report)}, "
+            f"batch {report['results'][0]['batch_size']}, k={report['results'][0]['importance_samples']}, "
+            f"load average {report.get('load_average_1min_at_start', '?')} -> "
+            f"{report.get('load_average_1min_at_end', '?')} (other processes on the machine)")
+
+
 def bench_block(benches: list[dict], link_base: Path) -> str:
+    benches = [b for b in benches if b["results"][0]["train"]]  # reports that measured training
     if not benches:
         return "_No benchmark yet: `python bench.py` writes results/bench_<device>.json._"
     lines = [BENCH_HEADER, "|" + "---|" * BENCH_HEADER.count(" | ") + "---|"]
@@ -262,10 +275,35 @@ def bench_block(benches: list[dict], link_base: Path) -> str:
                      f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}",
                      f"**{ev['speedup']:.2f}x**", syncs]
             lines.append("| " + " | ".join(_md(c) if i else c for i, c in enumerate(cells)) + " |")
-        notes.append(f"- [{link}]({link}): `{report.get('command', '?')}` at commit {commit_label(report)}, "
-                     f"batch {report['results'][0]['batch_size']}, k={report['results'][0]['importance_samples']}, "
-                     f"load average {report.get('load_average_1min_at_start', '?')} -> "
-                     f"{report.get('load_average_1min_at_end', '?')} (other processes on the machine)")
+        notes.append(_bench_note(report, link))
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+EVAL_BENCH_HEADER = ("| device | model | threads | samples/s: previous CPU defaults -> ours | speed-up | naive per-sample "
+                     "loop | ours / naive | L_5000 on 10k test images at this rate |")
+
+
+def eval_bench_block(benches: list[dict], link_base: Path) -> str:
+    """The evaluation speed of every rung, before and after the CPU evaluation defaults changed (bench.py's
+    previous_cpu_defaults variant), from the reports that have it."""
+    benches = [b for b in benches if any("previous_cpu_defaults" in r["eval"] for r in b["results"])]
+    if not benches:
+        return "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._"
+    lines = [EVAL_BENCH_HEADER, "|" + "---|" * EVAL_BENCH_HEADER.count(" | ") + "---|"]
+    notes = []
+    for report in benches:
+        link = _relative(report["_path"], link_base)
+        for r in report["results"]:
+            ev = r["eval"]
+            if "previous_cpu_defaults" not in ev:
+                continue
+            cells = [f"[{report['device']}]({link})", r["model"], str(r["threads"]),
+                     f"{ev['previous_cpu_defaults']['samples_per_s']:.0f} -> {ev['ours']['samples_per_s']:.0f}",
+                     f"**{ev['speedup_vs_previous_cpu_defaults']:.2f}x**", f"{ev['naive']['samples_per_s']:.0f}",
+                     f"{ev['speedup']:.2f}x", f"{ev['hours_for_test_l5000']:.1f} h"]
+            lines.append("| " + " | ".join(_md(c) if i else c for i, c in enumerate(cells)) + " |")
+        notes.append(_bench_note(report, link) + f"; S={report['results'][0]['eval']['eval_samples']} on "
+                     f"{report['results'][0]['eval']['eval_images']} test images per repeat")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
@@ -342,6 +380,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = results_block(results, model, link_base)
             elif kind == "bench":
                 block = bench_block(benches, link_base)
+            elif kind == "bench-eval":
+                block = eval_bench_block(benches, link_base)
             elif model is None:
                 raise CompareError(f"README {where(open_marker)}: a figures block needs a model, e.g. "
                                    f"<!-- figures:model01:start -->.")
@@ -441,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         current = read_readme(args.readme)
         # bench reports are read (and must be valid) only when README has a block that shows them
         benches = (load_benches(args.results_dir or REPO_ROOT / "results")
-                   if "<!-- bench:start -->" in current else [])
+                   if "<!-- bench:start -->" in current or "<!-- bench-eval:start -->" in current else [])
         expected = render_readme(current, results, assets_dir, args.readme.parent, benches)
         if args.check:
             return check_readme(args.readme, expected, current)
