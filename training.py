@@ -504,7 +504,7 @@ def init_wandb(cfg, run_name: str, out_dir: Path):
 
 def eval_chunk_size(rung, cfg, device) -> int:
     """Latents per evaluation pass: --eval-chunk, else 2^18 on CUDA and the rung's `cpu_eval_chunk` on CPU (small
-    passes whose activations stay in the CPU's caches: measured 3-7x faster than 2^14 there, see bench.py)."""
+    passes whose activations stay in the CPU's caches: several times faster than 2^14, results/bench_cpu_eval.json)."""
     if cfg.eval_chunk > 0:
         return cfg.eval_chunk
     return 1 << 18 if device.type == "cuda" else rung.cpu_eval_chunk
@@ -551,7 +551,8 @@ def evaluate_bound(model, split: data_lib.Split, num_samples: int, seed: int, ch
         if resume is not None:  # the random stream and the pass layout continue where the record left them
             start, chunk = resume["done"], resume["chunk"]
             results[:start] = resume["ll"]
-            _set_device_rng_state(device, resume["rng"])
+            if resume["rng"] is not None:  # None: a finished record (torchrun: kept while other processes go on)
+                _set_device_rng_state(device, resume["rng"])
         bar = tqdm(total=n, initial=start, desc=desc, disable=not progress, leave=False, mininterval=1.0)
         last_save = time.time()
         boundary_rng = _device_rng_state(device)  # the random state at `start`, a pass boundary
@@ -1077,8 +1078,12 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
 
 
 def segment_deadline(cfg, t_start: float) -> float | None:
-    """The time.time() at which this invocation's --segment-minutes run out (None: no segments)."""
-    return t_start + 60.0 * cfg.segment_minutes if cfg.segment_minutes > 0 else None
+    """The time.time() at which this invocation's --segment-minutes run out (None: no segments).
+    Fault injection for tests: VAE_INJECT_SEGMENT_END=1 makes it the start, so every invocation trains to the next
+    log step or evaluates one pass, then ends its segment."""
+    if cfg.segment_minutes <= 0:
+        return None
+    return t_start if os.environ.get("VAE_INJECT_SEGMENT_END") == "1" else t_start + 60.0 * cfg.segment_minutes
 
 
 def _inject_nan_steps() -> tuple[int, int]:

@@ -20,6 +20,8 @@ import torch
 
 from conftest import ROOT, run_script
 
+import training
+
 TINY_RUNG = textwrap.dedent('''
     """A deterministic rung for the torchrun test: no sampling, so any process layout gives the same run."""
     import argparse, builtins, io, os, sys
@@ -180,3 +182,33 @@ def test_model01_under_torchrun(tmp_path, data_dir):
     assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json",
                                               "model01_imgs.png", "model01_recs.png", "model01_samples.png"}
     assert proc.stdout.count("test L_5 on 10 images") == 1
+
+
+def test_two_processes_continue_segments_and_a_partial_test_evaluation(tmp_path, data_dir):
+    """Under torchrun each process keeps its own test_eval.rank<r>.pt; the processes agree on when a segment ends
+    (here every log step and every evaluation pass: VAE_INJECT_SEGMENT_END), and the chain of segments gives the
+    test number of one uninterrupted 2-process run. The ranks hold 16 and 15 test images, 5 per pass, so rank 1
+    finishes one segment before rank 0 and must keep its finished values meanwhile."""
+    record_dir = tmp_path / "writes"
+    record_dir.mkdir()
+    script = tmp_path / "tiny.py"
+    script.write_text(TINY_RUNG.format(root=str(ROOT), record_dir=str(record_dir)))
+    flags = [*TRAIN_FLAGS, "--data-dir", data_dir, "--eval-chunk", "15", "--segment-minutes", "60"]
+    whole, segmented = tmp_path / "whole", tmp_path / "segmented"
+    proc = torchrun(script, *flags, "--out-dir", whole)
+    assert proc.returncode == 0, failure(proc)
+    codes = []
+    while not codes or codes[-1] == training.EXIT_SEGMENT_END:
+        assert len(codes) < 12, failure(proc)
+        proc = torchrun(script, *flags, "--out-dir", segmented, env={"VAE_INJECT_SEGMENT_END": "1"})
+        # torchrun exits 1 whenever a worker exits non-zero; its summary names the workers' own status
+        ended = proc.returncode == 1 and f"exitcode  : {training.EXIT_SEGMENT_END}" in proc.stderr \
+            and "Run the same command again" in proc.stderr
+        codes.append(training.EXIT_SEGMENT_END if ended else proc.returncode)
+    assert codes[-1] == 0, failure(proc)
+    # training segments end at steps 2 and 4; the third trains to 6 and evaluates a pass; 3 more passes on rank 0
+    assert len(codes) == 6, codes
+    got, want = (json.loads((d / "result.json").read_text()) for d in (segmented, whole))
+    assert got["test_ll_nats"] == want["test_ll_nats"] and got["n_test"] == want["n_test"] == 31
+    assert got["eval_segments"] == 4
+    assert not list(segmented.glob("test_eval*.pt"))
