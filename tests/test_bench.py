@@ -183,3 +183,27 @@ def test_tiny_real_run_writes_a_consistent_report(tmp_path, data_dir):
     assert abs(evaluation["ours"]["ll_nats"] - evaluation["naive"]["ll_nats"]) < 15.0
     assert -800 < evaluation["ours"]["ll_nats"] < -100
     assert "model01, 1 threads: training" in proc.stdout and "x the naive step" in proc.stdout
+
+
+def test_eval_phase_alone_times_the_previous_cpu_defaults_too(tmp_path, data_dir):
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cpu", "--threads", "1", "--phases", "eval", "--models", "model01", "model03",
+             "--eval-samples", "40", "--eval-images", "2", "--eval-repeats", "1", "--data-dir", data_dir, "--out", out]
+    proc = run_script("bench.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["results"]] == ["model01", "model03"]
+    for result in report["results"]:
+        assert result["train"] == {}  # --phases eval: no training measured
+        ev = result["eval"]
+        assert set(ev) >= {"ours", "naive", "previous_cpu_defaults"}
+        assert ev["previous_cpu_defaults"]["chunk_latents"] == bench.PREVIOUS_CPU_EVAL_CHUNK == 1 << 14
+        module = importlib.import_module(result["script"][:-3])
+        assert ev["ours"]["chunk_latents"] == ev["chunk_latents"] == module.RUNG.cpu_eval_chunk
+        assert ev["speedup_vs_previous_cpu_defaults"] == pytest.approx(
+            ev["ours"]["samples_per_s"] / ev["previous_cpu_defaults"]["samples_per_s"])
+        assert ev["hours_for_test_l5000"] == pytest.approx(5e7 / ev["ours"]["samples_per_s"] / 3600)
+        # the same weights and images: the three estimates of L_40 differ only by Monte Carlo noise
+        lls = [ev[v]["ll_nats"] for v in ("ours", "naive", "previous_cpu_defaults")]
+        assert max(lls) - min(lls) < 0.02 * abs(lls[0])
+    assert "the previous CPU defaults" in proc.stdout and "training" not in proc.stdout.split("\n\n")[-1]

@@ -218,3 +218,27 @@ def test_bench_block_is_rendered_from_bench_json_and_a_hand_edit_fails_check(tmp
     (results / "bench_cpu.json").write_text("{}")
     code, out = _compare(capsys, "--check", *paths)
     assert code == 2 and "bench_cpu.json is not a report written by bench.py" in out
+
+
+def test_eval_bench_block_shows_before_and_after_and_skips_training_only_reports(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    evaluation = {"ours": {"samples_per_s": 4000.0}, "naive": {"samples_per_s": 1000.0}, "speedup": 4.0,
+                  "previous_cpu_defaults": {"samples_per_s": 800.0}, "speedup_vs_previous_cpu_defaults": 5.0,
+                  "hours_for_test_l5000": 3.4722, "eval_samples": 5000, "eval_images": 2}
+    report = {"command": "python bench.py --device cpu --phases eval", "git_commit": "b" * 40, "device": "CPU (test)",
+              "results": [{"model": "model03", "threads": 1, "batch_size": 100, "importance_samples": 5,
+                           "train": {}, "eval": evaluation}]}
+    (results / "bench_cpu_eval.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\nx\n<!-- bench:end -->\n<!-- bench-eval:start -->\ny\n<!-- bench-eval:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    code, out = _compare(capsys, "--update-readme", *paths)
+    assert code == 0, out
+    text = readme.read_text()
+    assert "_No benchmark yet" in text  # an evaluation-only report has no training row
+    assert "| [CPU (test)](results/bench_cpu_eval.json) | model03 | 1 | 800 -> 4000 | **5.00x** | 1000 | 4.00x | 3.5 h |" in text
+    assert "S=5000 on 2 test images per repeat" in text
+    assert _compare(capsys, "--check", *paths)[0] == 0
+    readme.write_text(text.replace("**5.00x**", "**6.00x**"))
+    assert _compare(capsys, "--check", *paths)[0] == 1
