@@ -55,7 +55,9 @@ class Job:
 def rescore(checkpoint: str) -> Job:
     script = checkpoint.split("_", 1)[0] + ".py"
     return Job(f"eval5000_{checkpoint}", script,
-               ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000"],
+               # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config
+               ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000",
+                "--eval-chunk", "128"],
                f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)")
 
 

@@ -102,7 +102,7 @@ class Config(training.TrainConfig):
     skip_threshold: float = 1e6
     ema_decay: float = 0.9995  # averages the last ~2000 steps
     val_every: int = 1150  # every 5 epochs (230 steps each): a 100-sample validation is < 10% of that time
-    eval_chunk: int = 16384  # latent samples per evaluation pass: 3 images x 5000 samples
+    eval_chunk: int = 0  # latents per evaluation pass; 0: 2^14 on CUDA (3 images x 5000 samples), 128 on CPU
 
     def __post_init__(self):
         def check(ok, message):
@@ -369,7 +369,9 @@ RUNG = training.Rung(name="model04", config_class=Config, build_model=Hierarchic
                      likelihood=lambda cfg, info: cfg.likelihood or default_likelihood(cfg.dataset),
                      run_suffix=lambda cfg: f"_L{cfg.latent_layers}", latent_layers=lambda cfg: cfg.latent_layers,
                      quick=quick_overrides, extra_metrics=latent_statistics,
-                     cpu_eval_chunk=128)  # 64..128 latents per pass measured fastest on 1 CPU thread
+                     # latents per evaluation pass: on CUDA 3 images x 5000 samples (2^18 would need tens of GB at
+                     # width 64); on CPU 64..128 measured fastest on 1 thread
+                     cuda_eval_chunk=1 << 14, cpu_eval_chunk=128)
 
 
 def build_parser() -> argparse.ArgumentParser:

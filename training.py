@@ -503,11 +503,12 @@ def init_wandb(cfg, run_name: str, out_dir: Path):
 
 
 def eval_chunk_size(rung, cfg, device) -> int:
-    """Latents per evaluation pass: --eval-chunk, else 2^18 on CUDA and the rung's `cpu_eval_chunk` on CPU (small
-    passes whose activations stay in the CPU's caches: several times faster than 2^14, results/bench_cpu_eval.json)."""
+    """Latents per evaluation pass: --eval-chunk, else the rung's `cuda_eval_chunk` (2^18 unless it says otherwise) on
+    CUDA and its `cpu_eval_chunk` on CPU (small passes whose activations stay in the CPU's caches: several times
+    faster than 2^14 there, results/bench_cpu_eval.json)."""
     if cfg.eval_chunk > 0:
         return cfg.eval_chunk
-    return 1 << 18 if device.type == "cuda" else rung.cpu_eval_chunk
+    return rung.cuda_eval_chunk if device.type == "cuda" else rung.cpu_eval_chunk
 
 
 def _device_rng_state(device: torch.device) -> torch.Tensor:
@@ -795,7 +796,9 @@ class Rung:
     latent_layers: callable = None  # (cfg) -> int
     quick: callable = quick_overrides  # (cfg) -> dict of overrides for --quick
     extra_metrics: callable = None  # (model, test Split, cfg) -> dict of extra result.json entries
-    # latents per evaluation pass on CPU when --eval-chunk is 0: passes small enough for the caches (bench.py)
+    # latents per evaluation pass when --eval-chunk is 0: on CUDA as many as memory allows, on CPU passes small
+    # enough for the caches (bench.py --phases eval measures both defaults)
+    cuda_eval_chunk: int = 1 << 18
     cpu_eval_chunk: int = 1024
 
 
