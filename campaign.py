@@ -175,15 +175,18 @@ class Lanes:
             log = self.log_dir / f"{job.name}.log"
             print(f"[lane {index}] {' '.join(cmd)}  (output: {log})", flush=True)
             with open(log, "a") as f:
+                # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice
                 child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                         start_new_session=True)
                 self.children.append(child)
                 code = child.wait()
             if code == 0:
                 self.finished.append(job.name)
                 print(f"[lane {index}] {job.name}: finished and published", flush=True)
-            elif code == EXIT_SEGMENT_END:
-                print(f"[lane {index}] {job.name}: segment ended, state saved in {job.out_dir}", flush=True)
+            elif code == EXIT_SEGMENT_END or (self.stopping and code in (128 + signal.SIGINT, 128 + signal.SIGTERM)):
+                how = "segment ended" if code == EXIT_SEGMENT_END else "stopped by a signal"
+                print(f"[lane {index}] {job.name}: {how}, state saved in {job.out_dir}", flush=True)
                 return
             else:
                 self.failed.append(job.name)

@@ -57,3 +57,30 @@ def test_status_reads_training_evaluation_and_result(call, monkeypatch, data_dir
     campaign.print_status(record=True, note="test")
     entry = json.loads((tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()[-1])
     assert entry["note"] == "test" and entry["jobs"] == [status]
+
+
+def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
+    """`campaign.py run` end to end, in a copy of the code (its --publish writes into the copy's results/): a first
+    session whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one finishes it."""
+    for name in ("model01.py", "training.py", "data.py", "distributions.py", "layers.py", "compare.py"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    small = [a for a in SEGMENTED[:SEGMENTED.index("--segment-minutes")] if a != "--device" and a != "cpu"]
+    job = campaign.Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py", small, "a tiny run")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [job])
+
+    monkeypatch.setenv("VAE_INJECT_SEGMENT_END", "1")
+    lanes = campaign.Lanes(minutes=5, lanes=2, data_dir=str(data_dir), log_dir=tmp_path)
+    assert lanes.run() == 0
+    assert "segment ended, state saved in campaign/model01" in capsys.readouterr().out
+    assert campaign.job_status(job)["state"] == "training"
+    assert not (tmp_path / "results").exists()
+
+    monkeypatch.delenv("VAE_INJECT_SEGMENT_END")
+    assert campaign.Lanes(minutes=5, lanes=2, data_dir=str(data_dir), log_dir=tmp_path).run() == 0
+    assert "finished and published" in capsys.readouterr().out
+    assert campaign.job_status(job)["state"] == "finished"
+    published = json.loads((tmp_path / "results" / f"{job.name}.json").read_text())
+    assert "--segment-minutes" in published["command"] and published["steps"] == 40
+    sessions = [json.loads(line) for line in (tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()]
+    assert [s["jobs"][0]["state"] for s in sessions] == ["training", "finished"]
