@@ -8,7 +8,7 @@ import pytest
 import campaign
 import training
 from conftest import ROOT
-from test_segments import SEGMENTED, call  # noqa: F401  (fixture)
+from test_segments import SEGMENTED, in_process  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("job", campaign.JOBS, ids=lambda job: job.name)
@@ -32,7 +32,7 @@ def test_job_names_are_unique():
     assert len(names) == len(set(names))
 
 
-def test_status_reads_training_evaluation_and_result(call, monkeypatch, data_dir, tmp_path):  # noqa: F811
+def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, data_dir, tmp_path):  # noqa: F811
     job = campaign.Job("tiny", "model01.py", [], "a test run")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
@@ -41,14 +41,14 @@ def test_status_reads_training_evaluation_and_result(call, monkeypatch, data_dir
 
     monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # one log interval or pass
     flags = ["--out-dir", out, "--data-dir", data_dir, *SEGMENTED]
-    assert call(*flags)[0] == training.EXIT_SEGMENT_END
+    assert in_process(*flags)[0] == training.EXIT_SEGMENT_END
     status = campaign.job_status(job)
     assert status["state"] == "training" and "step 10/40" in status["detail"], status
-    while call(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
+    while in_process(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
         pass
     status = campaign.job_status(job)
     assert status["state"] == "evaluating" and "test L_5: 10/50 images in 1 segment(s)" in status["detail"], status
-    while call(*flags)[0] == training.EXIT_SEGMENT_END:
+    while in_process(*flags)[0] == training.EXIT_SEGMENT_END:
         pass
     status = campaign.job_status(job)
     result = json.loads((out / "result.json").read_text())

@@ -15,42 +15,22 @@ import torch
 import model01
 import training
 from data import Split
-from test_reliability import SMALL, assert_same_training_state, file_hashes, load, read_log
+from test_reliability import SMALL, assert_same_training_state, file_hashes, in_process, load, read_log  # noqa: F401
 
 SEGMENTED = [*SMALL, "--eval-chunk", "50", "--segment-minutes", "60"]  # 50 latents per pass: 10 images of S=5
 
 
-@pytest.fixture
-def call(monkeypatch, capsys):
-    """training.main for model01 in this process: returns (exit status, stdout, stderr)."""
-    validate = torch.distributions.Distribution._validate_args
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("VAE_INJECT_NAN", raising=False)
-    monkeypatch.delenv("VAE_INJECT_KILL_DURING_SAVE", raising=False)
-
-    def run(*args):
-        capsys.readouterr()
-        status = training.main(model01.RUNG, model01.build_parser(), [str(a) for a in args])
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
-
-    yield run
-    torch.distributions.Distribution.set_default_validate_args(validate)
-    torch.set_num_threads(threads)
-
-
-def test_chained_segments_match_an_uninterrupted_run(call, monkeypatch, data_dir, tmp_path):
+def test_chained_segments_match_an_uninterrupted_run(in_process, monkeypatch, data_dir, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "segmented"
     flags = ["--data-dir", data_dir, *SEGMENTED]
-    status, _, err = call("--out-dir", reference, *flags)  # 60 minutes: never reached
+    status, _, err = in_process("--out-dir", reference, *flags)  # 60 minutes: never reached
     assert status == 0, err
 
     monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # always already passed
     statuses, messages = [], []
     while not statuses or statuses[-1] == training.EXIT_SEGMENT_END:
         assert len(statuses) < 20, messages[-1]
-        status, _, err = call("--out-dir", out, *flags)
+        status, _, err = in_process("--out-dir", out, *flags)
         statuses.append(status)
         messages.append(err)
     assert statuses[-1] == 0, messages[-1]
@@ -72,30 +52,30 @@ def test_chained_segments_match_an_uninterrupted_run(call, monkeypatch, data_dir
     assert sum(r["type"] == "resume" for r in log) == 7
 
 
-def test_a_partial_test_evaluation_belongs_to_its_settings(call, monkeypatch, data_dir, tmp_path):
+def test_a_partial_test_evaluation_belongs_to_its_settings(in_process, monkeypatch, data_dir, tmp_path):
     out = tmp_path / "run"
     flags = ["--out-dir", out, "--data-dir", data_dir, *SEGMENTED]
-    assert call(*flags)[0] == 0
+    assert in_process(*flags)[0] == 0
     evaluation = tmp_path / "eval"
     eval_flags = ["--eval-only", "--checkpoint", out / "best.pt", "--out-dir", evaluation, "--data-dir", data_dir,
                   "--eval-samples", "5", "--eval-chunk", "50", "--segment-minutes", "60"]
     monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)
-    status, _, err = call(*eval_flags)
+    status, _, err = in_process(*eval_flags)
     assert status == training.EXIT_SEGMENT_END, err
     assert (evaluation / "test_eval.pt").exists() and not (evaluation / "result.json").exists()
     before = file_hashes(evaluation)
     for changed in (["--eval-samples", "6"], ["--eval-chunk", "25"], ["--seed", "3"]):
-        status, _, err = call(*eval_flags, *changed)
+        status, _, err = in_process(*eval_flags, *changed)
         assert status == 2 and "belongs to other weights or settings" in err, err
         assert "delete it to start the test evaluation over" in err
         assert file_hashes(evaluation) == before  # nothing lost
     (evaluation / "test_eval.pt").write_bytes(b"not a checkpoint")
-    status, _, err = call(*eval_flags)
+    status, _, err = in_process(*eval_flags)
     assert status == 2 and "is unreadable" in err, err
 
 
-def test_segment_minutes_must_not_be_negative(call, data_dir, tmp_path):
-    status, _, err = call("--out-dir", tmp_path / "run", "--data-dir", data_dir, *SMALL, "--segment-minutes", "-1")
+def test_segment_minutes_must_not_be_negative(in_process, data_dir, tmp_path):
+    status, _, err = in_process("--out-dir", tmp_path / "run", "--data-dir", data_dir, *SMALL, "--segment-minutes", "-1")
     assert status == 2 and "--segment-minutes must be >= 0" in err
 
 
@@ -134,7 +114,7 @@ def test_evaluate_bound_resumes_bit_identically_after_a_deadline(split):
         if got is not None:
             break
         progress = records[-1]
-        assert progress["done"] == min(3 * calls, 23)  # one pass per call, then the deadline
+        assert progress["done"] == min(3 * calls, 23)  # one pass per in_process, then the deadline
     assert calls == 8
     assert torch.equal(got, want)
 
