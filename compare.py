@@ -256,31 +256,51 @@ def _bench_note(report: dict, link: str) -> str:
             f"{report.get('load_average_1min_at_end', '?')} (other processes on the machine)")
 
 
-def bench_block(benches: list[dict], link_base: Path) -> str:
-    benches = [b for b in benches if b["results"][0]["train"]]  # reports that measured training
-    if not benches:
-        return "_No benchmark yet: `python bench.py` writes results/bench_<device>.json._"
-    lines = [BENCH_HEADER, "|" + "---|" * BENCH_HEADER.count(" | ") + "---|"]
+def _bench_table(benches: list[dict], link_base: Path, header: str, row, note=_bench_note) -> str:
+    """A table with one row per report result that `row(result)` turns into cells (None: no row), the report's
+    device (linked to the report) first, and a note per report under it."""
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     notes = []
     for report in benches:
         link = _relative(report["_path"], link_base)
         for r in report["results"]:
-            train, ev = r["train"], r["eval"]
-            bf16 = (f"{train['ours_cpu_bf16']['images_per_s']:.0f} ({train['speedup_cpu_bf16']:.2f}x)"
-                    if "ours_cpu_bf16" in train else "—")
-            syncs = " / ".join(str(train[v].get("host_syncs_per_step", {}).get("total", "?")) for v in ("ours", "naive"))
-            cells = [f"[{report['device']}]({link})", r["model"], str(r["threads"]),
-                     f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
-                     f"**{train['speedup']:.2f}x**", bf16,
-                     f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}",
-                     f"**{ev['speedup']:.2f}x**", syncs]
-            lines.append("| " + " | ".join(_md(c) if i else c for i, c in enumerate(cells)) + " |")
-        notes.append(_bench_note(report, link))
+            cells = row(r)
+            if cells is not None:
+                lines.append(f"| [{report['device']}]({link}) | " + " | ".join(_md(c) for c in cells) + " |")
+        notes.append(note(report, link))
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _training_row(r: dict) -> list[str]:
+    train, ev = r["train"], r["eval"]
+    bf16 = (f"{train['ours_cpu_bf16']['images_per_s']:.0f} ({train['speedup_cpu_bf16']:.2f}x)"
+            if "ours_cpu_bf16" in train else "—")
+    syncs = " / ".join(str(train[v].get("host_syncs_per_step", {}).get("total", "?")) for v in ("ours", "naive"))
+    evaluation = ([f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}", f"**{ev['speedup']:.2f}x**"]
+                  if ev else ["—", "—"])  # bench.py --phases train
+    return [r["model"], str(r["threads"]), f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
+            f"**{train['speedup']:.2f}x**", bf16, *evaluation, syncs]
+
+
+def bench_block(benches: list[dict], link_base: Path) -> str:
+    benches = [b for b in benches if b["results"][0]["train"]]  # reports that measured training
+    if not benches:
+        return "_No benchmark yet: `python bench.py` writes results/bench_<device>.json._"
+    return _bench_table(benches, link_base, BENCH_HEADER, _training_row)
 
 
 EVAL_BENCH_HEADER = ("| device | model | threads | samples/s: previous CPU defaults -> ours | speed-up | naive per-sample "
                      "loop | ours / naive | L_5000 on 10k test images at this rate |")
+
+
+def _evaluation_row(r: dict) -> list[str] | None:
+    ev = r["eval"]
+    if "previous_cpu_defaults" not in ev:
+        return None
+    return [r["model"], str(r["threads"]),
+            f"{ev['previous_cpu_defaults']['samples_per_s']:.0f} -> {ev['ours']['samples_per_s']:.0f}",
+            f"**{ev['speedup_vs_previous_cpu_defaults']:.2f}x**", f"{ev['naive']['samples_per_s']:.0f}",
+            f"{ev['speedup']:.2f}x", f"{ev['hours_for_test_l5000']:.1f} h"]
 
 
 def eval_bench_block(benches: list[dict], link_base: Path) -> str:
@@ -289,22 +309,12 @@ def eval_bench_block(benches: list[dict], link_base: Path) -> str:
     benches = [b for b in benches if any("previous_cpu_defaults" in r["eval"] for r in b["results"])]
     if not benches:
         return "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._"
-    lines = [EVAL_BENCH_HEADER, "|" + "---|" * EVAL_BENCH_HEADER.count(" | ") + "---|"]
-    notes = []
-    for report in benches:
-        link = _relative(report["_path"], link_base)
-        for r in report["results"]:
-            ev = r["eval"]
-            if "previous_cpu_defaults" not in ev:
-                continue
-            cells = [f"[{report['device']}]({link})", r["model"], str(r["threads"]),
-                     f"{ev['previous_cpu_defaults']['samples_per_s']:.0f} -> {ev['ours']['samples_per_s']:.0f}",
-                     f"**{ev['speedup_vs_previous_cpu_defaults']:.2f}x**", f"{ev['naive']['samples_per_s']:.0f}",
-                     f"{ev['speedup']:.2f}x", f"{ev['hours_for_test_l5000']:.1f} h"]
-            lines.append("| " + " | ".join(_md(c) if i else c for i, c in enumerate(cells)) + " |")
-        notes.append(_bench_note(report, link) + f"; S={report['results'][0]['eval']['eval_samples']} on "
-                     f"{report['results'][0]['eval']['eval_images']} test images per repeat")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+    def note(report, link):
+        ev = report["results"][0]["eval"]
+        return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
+
+    return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, note)
 
 
 def _date(r: dict) -> datetime.datetime:
