@@ -14,7 +14,9 @@ A job that finishes publishes its result (--publish), and README's tables are re
     python campaign.py command JOB             # one job's command line, to run or inspect by hand
 
 After `run`: commit campaign/ (and results/, assets/, checkpoints/, README.md when a job finished).
-Resuming bit-exactly needs the same device type and torch build (here: CPU, torch of requirements.txt).
+Resuming bit-exactly needs the same device type, torch build and training precision: model01 trains with
+--cpu-bf16 only on CPUs with native bf16, so a segment on another kind of CPU continues the same run in
+float32 (its checkpoint's precision_history and result.json's train_precision_history say which steps ran how).
 """
 import argparse
 import json
@@ -38,6 +40,9 @@ class Job:
     script: str
     args: list[str]
     why: str
+    # --cpu-bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), where it is faster than float32; elsewhere
+    # torch emulates bf16 and it is several times slower. The run's checkpoint records each segment's precision.
+    bf16_where_native: bool = False
 
     @property
     def out_dir(self) -> str:
@@ -45,6 +50,10 @@ class Job:
 
     def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
         cmd = ["python", self.script, *self.args, "--device", "cpu", "--out-dir", self.out_dir, "--publish"]
+        if self.bf16_where_native:
+            from training import cpu_has_native_bf16
+            if cpu_has_native_bf16():
+                cmd.insert(2 + len(self.args), "--cpu-bf16")
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if minutes:
@@ -64,10 +73,10 @@ def rescore(checkpoint: str) -> Job:
 # In order: a free lane takes the first job that is neither finished nor running.
 JOBS = [
     Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py",
-        ["--importance-samples", "5", "--epochs", "3280", "--lr-schedule", "iwae", "--cpu-bf16",
+        ["--importance-samples", "5", "--epochs", "3280", "--lr-schedule", "iwae",
          "--val-every", "5900", "--checkpoint-every", "5900", "--log-every", "1000"],
-        "model01 k=5 to Burda et al.'s 3280 epochs and 8-stage schedule (batch 100, not 20), bf16 CPU steps, "
-        "L_5000 on the 10k test images"),
+        "model01 k=5 to Burda et al.'s 3280 epochs and 8-stage schedule (batch 100, not 20), bf16 CPU steps "
+        "where the CPU has native bf16, L_5000 on the 10k test images", bf16_where_native=True),
     rescore("model03_fashion-mnist_iwae_k5_seed0"),
     rescore("model02_fashion-mnist_iwae_k5_seed0"),
     rescore("model03_fashion-mnist_iwae_k5_unbounded_seed0"),

@@ -131,7 +131,11 @@ RUN_CONTROL_KEYS = {"data_dir", "out_dir", "device", "log_every", "checkpoint_ev
                     "segment_minutes",
                     "publish", "resume", "wandb", "eval_only", "checkpoint", "eval_samples", "n_test",
                     "eval_chunk", "compile", "epochs", "max_steps", "figures_only",
-                    "max_consecutive_skips"}  # only where a run stops, never what it computes
+                    "max_consecutive_skips",  # only where a run stops, never what it computes ...
+                    "cpu_bf16"}  # ... except the precision of CPU steps (as device): kept in precision_history
+# cpu_bf16 may change on resume because bf16 is fast only where the CPU has it natively (AVX512-BF16, AMX) and
+# emulated, several times slower than float32, elsewhere; a campaign that moves between machines picks the
+# fast precision of each, and the checkpoint and result.json record which steps ran in which.
 # Of those, the ones --eval-only takes from the command line (the rest come from the checkpoint).
 EVAL_OVERRIDE_KEYS = {"data_dir", "out_dir", "device", "eval_samples", "n_test", "eval_chunk", "publish", "seed",
                       "segment_minutes"}
@@ -171,7 +175,8 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     a("--ema-decay", type=float, default=d.ema_decay, help="EMA of weights for evaluation (0: off)")
     a("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast of training steps on CUDA")
     a("--cpu-bf16", action="store_true",
-      help="bf16 autocast of training steps on CPU too (fast only with AVX512-BF16/AMX); evaluation stays float32")
+      help="bf16 autocast of training steps on CPU too (fast only with AVX512-BF16/AMX; may change when a run "
+           "resumes, recorded in precision_history); evaluation stays float32")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--eval-samples", type=int, default=d.eval_samples,
       help=f"importance samples per test image for the final bound (default {d.eval_samples})")
@@ -326,7 +331,12 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    # the vector unit and bf16 support tell CPUs with the same model name apart (both measured here were
+    # "AMD EPYC": one with AVX512 and native bf16, one with AVX2 only, where --cpu-bf16 is emulated and slow)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if cpu_has_native_bf16():
+        capability += " with native bf16"
+    return f"CPU ({cpu}, {capability}, {torch.get_num_threads()} threads)"
 
 
 def git_commit() -> str:
@@ -720,6 +730,21 @@ class StepMeters:
             t.zero_()
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): then --cpu-bf16 is faster than
+    float32; without it torch emulates bf16 and is several times slower (bench.py measures both).
+    None where it cannot tell (no /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_name(amp: bool) -> str:
+    return "bf16 autocast" if amp else "float32"
+
+
 def training_autocast(cfg, device: torch.device) -> bool:
     """Whether training steps run under bf16 autocast: --amp on CUDA, --cpu-bf16 on CPU. Evaluation
     (validation, test bound, figures) always runs in float32."""
@@ -897,7 +922,7 @@ def weights_only_checkpoint(ckpt: dict) -> dict:
     """The evaluated weights (the EMA when there is one) with the config and training summary: all that
     --eval-only needs, without optimizer, batcher or RNG state."""
     keep = ("format", "model_name", "run_name", "config", "git_commit", "step", "epochs", "n_skipped",
-            "best_val_bound_nats", "best_step", "train_time_s")
+            "best_val_bound_nats", "best_step", "train_time_s", "precision_history")
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     return {**{k: ckpt.get(k) for k in keep}, "model": weights, "ema": None, "weights_only": True}
 
@@ -1150,6 +1175,12 @@ def train(rung: Rung, cfg, argv) -> int:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * batcher.steps_per_epoch
     val_every = cfg.val_every if cfg.val_every > 0 else batcher.steps_per_epoch
 
+    amp = training_autocast(cfg, device)
+    if amp and device.type == "cpu" and cpu_has_native_bf16() is False and dist_info.is_main:
+        print("warning: --cpu-bf16 on a CPU without AVX512-BF16/AMX: bf16 is emulated here and usually several "
+              "times slower than float32 (python bench.py --device cpu --phases train measures both)", file=sys.stderr)
+    # [[first step, precision], ...]: the training precision from each step on (cpu_bf16 may change on resume)
+    precision_history = [[0, precision_name(amp)]]
     step, n_skipped, best_val, best_step, train_time_prev = 0, 0, -math.inf, -1, 0.0
     time_limited = False  # --max-train-minutes ended training (then a resumed run goes straight to the test set)
     commit = git_commit()  # the code that trains these weights; a resumed run keeps its first commit
@@ -1173,6 +1204,14 @@ def train(rung: Rung, cfg, argv) -> int:
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_info.rank, step]).generate_state(1)[0]))
         best_val, best_step = resume_state["best_val_bound_nats"], resume_state["best_step"]
         time_limited = resume_state.get("stopped_by_time_limit", False)
+        # older checkpoints lack the history: they trained in what their config gives on this device type
+        precision_history = resume_state.get("precision_history") or [
+            [0, precision_name(training_autocast(type(cfg).from_dict(saved_config), device))]]
+        if precision_history[-1][1] != precision_name(amp) and step < total_steps and not time_limited:
+            precision_history = [*precision_history, [step, precision_name(amp)]]
+            if dist_info.is_main:
+                print(f"training precision changes at step {step}: {precision_history[-2][1]} -> "
+                      f"{precision_history[-1][1]} (--cpu-bf16 {'on' if cfg.cpu_bf16 else 'off'})")
         train_time_prev = resume_state["train_time_s"]
         # wall time of the earlier invocations (older checkpoints lack it: their training time stands in)
         t_start -= resume_state.get("wall_time_s", train_time_prev)
@@ -1196,7 +1235,7 @@ def train(rung: Rung, cfg, argv) -> int:
                   command=" ".join(["python", f"{rung.name}.py", *argv]), git_commit=commit, config=asdict(cfg))
     elif dist_info.is_main:  # records after this one replace those of later steps written before the stop
         log.write("resume", step=step, command=" ".join(["python", f"{rung.name}.py", *argv]),
-                  git_commit=git_commit())
+                  git_commit=git_commit(), train_precision=precision_name(amp), device=device_name(device))
 
     def checkpoint_state():
         return {"format": CHECKPOINT_FORMAT, "model_name": rung.name, "run_name": name, "config": asdict(cfg),
@@ -1207,6 +1246,7 @@ def train(rung: Rung, cfg, argv) -> int:
                 "n_skipped": n_skipped + int(meters.skipped.item()),
                 "consecutive_skips": int(meters.consecutive_skips.item()), "last_finite_metrics": last_finite,
                 "best_val_bound_nats": best_val, "best_step": best_step, "stopped_by_time_limit": time_limited,
+                "precision_history": precision_history,
                 "train_time_s": train_time_prev + (time.time() - t_train), "wall_time_s": time.time() - t_start}
 
     saved_step = resume_state["step"] if resume_state is not None else None
@@ -1248,7 +1288,6 @@ def train(rung: Rung, cfg, argv) -> int:
                dynamic_ncols=True, desc=name)
     postfix = {}
     nan_from, nan_to = _inject_nan_steps()
-    amp = training_autocast(cfg, device)
     meters = StepMeters(device)
     ema = (ema_model, model) if ema_model is not None else None
     last_finite = {}  # the last log record with a taken update, for the message if the run must stop
@@ -1361,7 +1400,9 @@ def train(rung: Rung, cfg, argv) -> int:
              "best_val_bound_nats": best_val, "val_samples": cfg.val_samples, "n_val": len(data.val),
              "n_skipped": n_skipped, "train_time_s": round(train_time, 1),
              "stopped_by_time_limit": time_limited, "world_size": dist_info.world_size,
-             "train_precision": "bf16 autocast" if amp else "float32"}
+             # one precision throughout, or "mixed" with the steps of each in train_precision_history
+             "train_precision": precision_history[0][1] if len(precision_history) == 1 else "mixed",
+             "train_precision_history": precision_history}
     result = _final_evaluation(rung, cfg, eval_model, data, dist_info, device, out_dir, name, argv, extra, t_start,
                                commit, checkpoint_path=best_path, deadline=deadline)
     if dist_info.is_main and result is not None:

@@ -27,6 +27,25 @@ def test_every_job_is_a_valid_command_of_its_script(job):
         assert job.name == training.run_name(module.RUNG, cfg)
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_model01_trains_in_bf16_only_where_the_cpu_has_it_natively(native, monkeypatch):
+    """Emulated bf16 is several times slower than float32, so the job asks for it only on a CPU with
+    AVX512-BF16/AMX (None: cannot tell, then float32)."""
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    job = next(j for j in campaign.JOBS if j.script == "model01.py")
+    cmd = job.command(minutes=10, data_dir=None)
+    assert ("--cpu-bf16" in cmd) == bool(native)
+    args = importlib.import_module("model01").build_parser().parse_args(cmd[2:])
+    assert args.cpu_bf16 == bool(native) and args.out_dir == job.out_dir
+    assert all("--cpu-bf16" not in j.command(10, None) for j in campaign.JOBS if not j.bf16_where_native)
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    expected = None if flags is None else ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert training.cpu_has_native_bf16() is expected
+
+
 def test_job_names_are_unique():
     names = [job.name for job in campaign.JOBS]
     assert len(names) == len(set(names))

@@ -121,4 +121,29 @@ def test_checkpoint_without_a_later_config_key_resumes_with_its_default(quick_ru
     proc = run_script("model01.py", "--quick", "--resume", "--max-steps", "510", "--n-test", "50",
                       "--data-dir", data_dir, "--out-dir", out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "result.json").read_text())["steps"] == 510
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 510
+    # and without a precision history it is taken to have trained in its config's precision throughout
+    assert result["train_precision"] == "float32" and result["train_precision_history"] == [[0, "float32"]]
+
+
+def test_resume_may_switch_cpu_bf16_and_records_the_steps_of_each_precision(quick_run, data_dir, tmp_path):
+    """A campaign moves between CPUs with and without native bf16: --cpu-bf16 may change on resume (it alone
+    among the arithmetic settings), and the checkpoint and result say which steps ran in which precision."""
+    src, _ = quick_run
+    out = tmp_path / "switch"
+    out.mkdir()
+    for name in ("ckpt.pt", "best.pt", "config.json", "log.jsonl"):
+        (out / name).write_bytes((src / name).read_bytes())
+    proc = run_script("model01.py", "--quick", "--resume", "--cpu-bf16", "--max-steps", "520", "--n-test", "50",
+                      "--device", "cpu", "--data-dir", data_dir, "--out-dir", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training precision changes at step 500: float32 -> bf16 autocast" in proc.stdout
+    history = [[0, "float32"], [500, "bf16 autocast"]]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 520 and result["train_precision"] == "mixed"
+    assert result["train_precision_history"] == history and result["config"]["cpu_bf16"] is True
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["precision_history"] == history
+    resume = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "resume"]
+    assert resume[-1]["train_precision"] == "bf16 autocast"
