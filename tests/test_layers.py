@@ -4,6 +4,7 @@ import torch
 
 import data as data_lib
 from distributions import bernoulli_likelihood, diagonal_gaussian
+import layers
 from layers import merge_samples, unmerge_samples
 from model01 import IWAE, Config
 
@@ -50,3 +51,29 @@ def test_encoder_runs_once_per_image_and_decoder_once_on_all_samples():
     model.decoder.register_forward_hook(lambda m, i, o: calls["decoder"].append(i[0].shape[0]))
     model(torch.bernoulli(torch.rand(6, 1, 28, 28)), 5)
     assert calls == {"encoder": [6], "decoder": [30]}
+
+
+def test_conv_decoder_goes_channels_last_before_upsampling_with_the_same_values():
+    """In a channels-last model the decoder converts its small first map to NHWC before the 2x upsampling
+    (one copy of a 16x smaller tensor than the first conv would make); the values must not change at all,
+    forward and backward, and the plain NCHW module must keep its layout."""
+    torch.manual_seed(0)
+    decoder = layers.ConvDecoder(latent_dim=8, image_shape=(1, 28, 28), out_channels=2, width=8).double()
+    z = torch.randn(6, 8, dtype=torch.float64)
+    reference = decoder.net(z)  # the Sequential as written: the first conv converts the upsampled map itself
+    assert decoder(z).is_contiguous() and torch.equal(decoder(z), reference)
+    decoder = decoder.to(memory_format=torch.channels_last)
+    z_cl = z.clone().requires_grad_(True)
+    z_ref = z.clone().requires_grad_(True)
+    out, ref = decoder(z_cl), decoder.net(z_ref)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+    # and the only layout copy is of the small map: none of the upsampled [6, 32, 14, 14] one
+    from torch.profiler import profile
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        decoder(z)
+    copied = [e.input_shapes[0] for e in prof.events() if e.name == "aten::copy_"]
+    assert [6, 32, 7, 7] in copied and [6, 32, 14, 14] not in copied, copied
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(z_cl.grad, z_ref.grad, rtol=0, atol=1e-12)
