@@ -12,6 +12,7 @@ A job that finishes publishes its result (--publish), and README's tables are re
     python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does this)
     python campaign.py run --minutes 150       # the jobs in order on --lanes 2 processes of 1 thread each
     python campaign.py command JOB             # one job's command line, to run or inspect by hand
+    python campaign.py history                 # the per-session report: every record of sessions.jsonl
 
 After `run`: commit campaign/ (and results/, assets/, checkpoints/, README.md when a job finished).
 Resuming bit-exactly needs the same device type, torch build and training precision: model01 trains with
@@ -111,7 +112,7 @@ def job_status(job: Job) -> dict:
         total = _total_steps(ckpt)
         details.append(f"step {ckpt['step']:,}/{total:,} ({ckpt['epochs']:.0f} epochs), best validation bound "
                        f"{ckpt['best_val_bound_nats']:.2f} nats at step {ckpt['best_step']:,}, training "
-                       f"{ckpt['train_time_s'] / 3600:.2f} h")
+                       f"{ckpt['train_time_s'] / 3600:.2f} h" + _precision_note(ckpt))
         status["state"] = "training" if ckpt["step"] < total else "evaluating"
     for path in sorted(out.glob("test_eval*.pt")):
         state = _torch_load(path)
@@ -122,6 +123,15 @@ def job_status(job: Job) -> dict:
     if details:
         status["detail"] = "; ".join(details)
     return status
+
+
+def _precision_note(ckpt: dict) -> str:
+    """', float32' for one precision throughout, ', float32 since step 776,567' after a change (older: '')."""
+    history = ckpt.get("precision_history")
+    if not history:
+        return ""
+    first_step, precision = history[-1]
+    return f", {precision}" + (f" since step {first_step:,}" if len(history) > 1 else "")
 
 
 def _total_steps(ckpt: dict) -> int:
@@ -149,14 +159,29 @@ def print_status(record: bool = False, note: str = ""):
         print(f"appended to {path.relative_to(REPO_ROOT)}")
 
 
+def print_history(path: Path | None = None):
+    """Every record of campaign/sessions.jsonl, oldest first: when, at which commit, the note, and each started
+    job's state (steps, best validation bound, training hours, test progress) -- the per-session report."""
+    path = path or REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
+    if not path.exists():
+        print(f"no campaign session recorded yet ({path.relative_to(REPO_ROOT)} does not exist)")
+        return
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        print(f"{entry['date']}  commit {entry['git_commit']}" + (f"  {entry['note']}" if entry.get("note") else ""))
+        for job in entry["jobs"]:
+            if job["state"] != "not started":
+                print(f"    {job['job']}: {job['state']}" + (f" -- {job['detail']}" if "detail" in job else ""))
+
+
 # ----------------------------------------------------------------------------- run
 
 
 class Lanes:
     """`lanes` worker threads, each running one job at a time as a subprocess with 1 CPU thread."""
 
-    def __init__(self, minutes: float, lanes: int, data_dir: str | None, log_dir: Path):
-        self.deadline, self.minutes = time.time() + 60 * minutes, minutes
+    def __init__(self, minutes: float, lanes: int, data_dir: str | None, log_dir: Path, note: str = ""):
+        self.deadline, self.minutes, self.note = time.time() + 60 * minutes, minutes, note
         self.lanes, self.data_dir, self.log_dir = lanes, data_dir, log_dir
         self.lock = threading.Lock()
         self.claimed: set[str] = set()
@@ -218,7 +243,8 @@ class Lanes:
         if self.finished:
             subprocess.run([sys.executable, "compare.py", "--update-readme"], cwd=REPO_ROOT, check=False)
         print()
-        print_status(record=True, note=f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}")
+        note = f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}" + (f": {self.note}" if self.note else "")
+        print_status(record=True, note=note)
         print(f"\nnow commit the state: git add {CAMPAIGN_DIR} results assets checkpoints README.md && git commit")
         return 1 if self.failed else 0
 
@@ -234,6 +260,8 @@ def main(argv=None) -> int:
     run.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="jobs at once, 1 thread each (default: cores)")
     run.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
+    run.add_argument("--note", default="", help="a note for this session's record in sessions.jsonl (e.g. the machine)")
+    sub.add_parser("history", help="print every session's record of campaign/sessions.jsonl")
     command = sub.add_parser("command", help="print one job's command line")
     command.add_argument("job", choices=[job.name for job in JOBS], help="job name")
     command.add_argument("--minutes", type=float, default=None, help="add --segment-minutes")
@@ -241,6 +269,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.action == "status":
         print_status(args.record, args.note)
+        return 0
+    if args.action == "history":
+        print_history()
         return 0
     if args.action == "command":
         job = next(j for j in JOBS if j.name == args.job)
@@ -250,7 +281,7 @@ def main(argv=None) -> int:
         parser.error("--minutes must be > 0 and --lanes >= 1")
     log_dir = REPO_ROOT / args.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    return Lanes(args.minutes, args.lanes, args.data_dir, log_dir).run()
+    return Lanes(args.minutes, args.lanes, args.data_dir, log_dir, args.note).run()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     assert in_process(*flags)[0] == training.EXIT_SEGMENT_END
     status = campaign.job_status(job)
     assert status["state"] == "training" and "step 10/40" in status["detail"], status
+    assert status["detail"].endswith(" h, float32"), status
     while in_process(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
         pass
     status = campaign.job_status(job)
@@ -89,7 +90,7 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     monkeypatch.setattr(campaign, "JOBS", [job])
 
     monkeypatch.setenv("VAE_INJECT_SEGMENT_END", "1")
-    lanes = campaign.Lanes(minutes=5, lanes=2, data_dir=str(data_dir), log_dir=tmp_path)
+    lanes = campaign.Lanes(minutes=5, lanes=2, data_dir=str(data_dir), log_dir=tmp_path, note="first machine")
     assert lanes.run() == 0
     assert "segment ended, state saved in campaign/model01" in capsys.readouterr().out
     assert campaign.job_status(job)["state"] == "training"
@@ -103,3 +104,10 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     assert "--segment-minutes" in published["command"] and published["steps"] == 40
     sessions = [json.loads(line) for line in (tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()]
     assert [s["jobs"][0]["state"] for s in sessions] == ["training", "finished"]
+    assert sessions[0]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
+    capsys.readouterr()
+    campaign.print_history()
+    report = capsys.readouterr().out.splitlines()
+    assert len(report) == 4 and report[0].endswith("--lanes 2: first machine") and "commit" in report[0]
+    assert report[1].startswith(f"    {job.name}: training -- step ") and "best validation bound" in report[1]
+    assert report[3].startswith(f"    {job.name}: finished -- test L_5 = ")
