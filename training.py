@@ -1007,6 +1007,12 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
                 "eval_chunk": eval_chunk_size(rung, cfg, device), "device_type": device.type}
     state = _load_eval_state(state_path, identity)
     eval_time_prev, segments = (state["eval_time_s"], state["segments"]) if state is not None else (0.0, 0)
+    # Where each invocation ran: a long evaluation may span sessions on different machines (same device type).
+    # A state saved before this record existed started on a device not written down (None).
+    done_before = state["progress"]["done"] if state is not None else 0
+    segment_log = (state.get("segment_log") or [{"from_image": 0, "device": None, "git_commit": None}]
+                   if state is not None else [])
+    segment_log = [*segment_log, {"from_image": done_before, "device": device_name(device), "git_commit": git_commit()}]
     if state is not None:  # wall time so far: what the earlier invocations had when they saved
         t_start = time.time() - state["wall_time_s"]
         if dist_info.is_main:
@@ -1016,7 +1022,7 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
 
     def save_state(progress):
         atomic_torch_save({"identity": identity, "progress": progress, "segments": segments + 1,
-                           "eval_time_s": eval_time_prev + time.time() - t_eval,
+                           "segment_log": segment_log, "eval_time_s": eval_time_prev + time.time() - t_eval,
                            "wall_time_s": time.time() - t_start}, state_path)
 
     ll = evaluate_bound(model, local_test, cfg.eval_samples, seed=cfg.seed + 1, chunk=identity["eval_chunk"],
@@ -1040,6 +1046,8 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
         extra = {**extra, **rung.extra_metrics(model, test, cfg)}
     result = _result_record(rung, cfg, name, data.info, summary, len(test),
                             {**extra, "eval_time_s": round(eval_time, 1), "eval_segments": segments + 1,
+                             # [{from_image, device, git_commit}] per invocation (process 0's images under torchrun)
+                             "eval_segment_log": segment_log,
                              "eval_chunk": identity["eval_chunk"], "figure_prefix": prefix}, device,
                             time.time() - t_start, argv, commit)
     result_path = out_dir / "result.json"

@@ -44,6 +44,10 @@ def test_chained_segments_match_an_uninterrupted_run(in_process, monkeypatch, da
     got, want = (json.loads((d / "result.json").read_text()) for d in (out, reference))
     assert got["test_ll_nats"] == want["test_ll_nats"] and got["test_ll_stderr"] == want["test_ll_stderr"]
     assert (got["eval_segments"], want["eval_segments"]) == (5, 1)
+    # where each evaluating invocation started: at 0 and after each pass of 10 images, on this machine
+    assert [seg["from_image"] for seg in got["eval_segment_log"]] == [0, 10, 20, 30, 40]
+    assert {seg["device"] for seg in got["eval_segment_log"]} == {training.device_name(torch.device("cpu"))}
+    assert [seg["from_image"] for seg in want["eval_segment_log"]] == [0]
     assert got["steps"] == want["steps"] == 40 and got["best_step"] == want["best_step"]
     assert_same_training_state(load(out / "ckpt.pt"), load(reference / "ckpt.pt"))
     log = read_log(out)
@@ -72,6 +76,27 @@ def test_a_partial_test_evaluation_belongs_to_its_settings(in_process, monkeypat
     (evaluation / "test_eval.pt").write_bytes(b"not a checkpoint")
     status, _, err = in_process(*eval_flags)
     assert status == 2 and "is unreadable" in err, err
+
+
+def test_a_state_saved_before_the_segment_log_existed_continues_with_its_device_unknown(in_process, monkeypatch,
+                                                                                         data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert in_process("--out-dir", out, "--data-dir", data_dir, *SEGMENTED)[0] == 0
+    evaluation = tmp_path / "eval"
+    eval_flags = ["--eval-only", "--checkpoint", out / "best.pt", "--out-dir", evaluation, "--data-dir", data_dir,
+                  "--eval-samples", "5", "--eval-chunk", "50", "--segment-minutes", "60"]
+    with monkeypatch.context() as m:
+        m.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # one pass of 10 images
+        assert in_process(*eval_flags)[0] == training.EXIT_SEGMENT_END
+    state = load(evaluation / "test_eval.pt")
+    assert [seg["from_image"] for seg in state["segment_log"]] == [0]
+    del state["segment_log"]  # as the code of an earlier commit wrote it
+    torch.save(state, evaluation / "test_eval.pt")
+    status, _, err = in_process(*eval_flags)
+    assert status == 0, err
+    log = json.loads((evaluation / "result.json").read_text())["eval_segment_log"]
+    assert log[0] == {"from_image": 0, "device": None, "git_commit": None}
+    assert log[1]["from_image"] == 10 and log[1]["device"] == training.device_name(torch.device("cpu"))
 
 
 def test_segment_minutes_must_not_be_negative(in_process, data_dir, tmp_path):
