@@ -44,6 +44,8 @@ class Job:
     # --cpu-bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), where it is faster than float32; elsewhere
     # torch emulates bf16 and it is several times slower. The run's checkpoint records each segment's precision.
     bf16_where_native: bool = False
+    # a re-score is done once its checkpoint's published result is at S >= 5000, whoever published it (a GPU session)
+    published_result: str | None = None
 
     @property
     def out_dir(self) -> str:
@@ -68,7 +70,8 @@ def rescore(checkpoint: str) -> Job:
                # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config
                ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000",
                 "--eval-chunk", "128"],
-               f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)")
+               f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)",
+               published_result=f"results/{checkpoint}.json")
 
 
 # In order: a free lane takes the first job that is neither finished nor running.
@@ -106,6 +109,14 @@ def job_status(job: Job) -> dict:
                 "detail": f"test L_{result['eval_samples']} = {result['test_ll_nats']:.2f} ± "
                           f"{result['test_ll_stderr']:.2f} nats{bpd} on {result['n_test']} images, "
                           f"{result['wall_time_s'] / 3600:.2f} h in all"}
+    if job.published_result and (REPO_ROOT / job.published_result).exists():
+        published = json.loads((REPO_ROOT / job.published_result).read_text())
+        if published.get("eval_samples", 0) >= 5000:  # then a partial re-score here is redundant: left as it is
+            partial = "; this job's partial test_eval.pt is redundant" if (out / "test_eval.pt").exists() else ""
+            return {**status, "state": "finished",
+                    "detail": f"published at L_{published['eval_samples']} = {published['test_ll_nats']:.2f} nats on "
+                              f"{published['n_test']} images by another run ({job.published_result}, "
+                              f"{published.get('device')}){partial}"}
     details = []
     if (out / "ckpt.pt").exists():
         ckpt = _torch_load(out / "ckpt.pt")

@@ -55,7 +55,8 @@
 #                         last stage; the time limit is the guard). Limit M*60 + 180 s.
 #   4 re-scores   rest    L5000 (full test set; --eval-chunk 0 = the rung's automatic pass size on CUDA, 2^18
 #                         latents, model04 2^14: its checkpoints carry --eval-chunk 2048 from their CPU runs) of
-#                         every published model02/03/04 checkpoint in checkpoints/, --eval-only --publish, cheapest
+#                         every published model02/03/04 checkpoint in checkpoints/ whose results/ file is not yet
+#                         at S >= 5000 (the CPU campaign publishes some), --eval-only --publish, cheapest
 #                         first (model02/03 ~0.8 PFLOP each, model04 ~2.5 PFLOP each), in one Python process
 #                         (scripts/gpu_rescore.py: same commands, no per-job torch import / CUDA start), each job
 #                         given all the time left as --segment-minutes: one that cannot finish exits 75 with its
@@ -434,6 +435,10 @@ EOF
 else
   DATA_DIR="$DATA_ABS"; record 0 data OK 0 "plain data root $DATA_DIR used in place"
 fi
+already_l5000() {  # already_l5000 RESULT_JSON: true when that published result is at S >= 5000
+  [ -f "$1" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("eval_samples", 0) >= 5000 else 1)' "$1"
+}
+
 have() {  # have mnist|fashion
   local folder; [ "$1" = mnist ] && folder=MNIST || folder=FashionMNIST
   [ -n "$DATA_DIR" ] || return 1
@@ -583,6 +588,11 @@ if want_step 4; then
     esac
     if [ -n "$RESCORE" ]; then case ",$RESCORE," in *",$name,"*) ;; *) continue ;; esac; fi
     if ! have $need; then record 4 "$name" SKIPPED 0 "no $need data"; continue; fi
+    # already published at S >= 5000 (e.g. by the CPU campaign, campaign.py): nothing to do. Not in a --dry-run,
+    # which re-scores every checkpoint at tiny sizes to rehearse each rung's path.
+    if [ "$DRY" != 1 ] && already_l5000 "$CODE_ROOT/results/$name.json"; then
+      record 4 "$name" SKIPPED 0 "already published at L5000 (results/$name.json)"; continue
+    fi
     if [ -n "$RESUME_RUNS" ] && [ -f "$RESUME_RUNS/rescore/$name/test_eval.pt" ]; then
       mkdir -p "$WORK/runs/rescore/$name"
       cp "$RESUME_RUNS/rescore/$name/test_eval.pt" "$WORK/runs/rescore/$name/"

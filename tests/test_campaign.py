@@ -46,6 +46,23 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags():
     assert training.cpu_has_native_bf16() is expected
 
 
+def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tmp_path):
+    """A GPU session may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
+    job = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [job])
+    (tmp_path / "results").mkdir()
+    published = tmp_path / job.published_result
+    published.write_text(json.dumps({"eval_samples": 100, "test_ll_nats": -1950.2, "n_test": 10000, "device": "CPU"}))
+    assert campaign.job_status(job)["state"] == "not started"
+    lanes = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
+    assert lanes.next_job() is job
+    published.write_text(json.dumps({"eval_samples": 5000, "test_ll_nats": -1948.7, "n_test": 10000, "device": "H200"}))
+    status = campaign.job_status(job)
+    assert status["state"] == "finished" and "L_5000 = -1948.70 nats on 10000 images by another run" in status["detail"]
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is None
+
+
 def test_job_names_are_unique():
     names = [job.name for job in campaign.JOBS]
     assert len(names) == len(set(names))
