@@ -219,8 +219,15 @@ def results_block(results: list[dict], model: str | None, link_base: Path) -> st
     rows = [r for r in results if r["model"] == model]
     if not rows:
         return f"_No published results for {model} yet._"
-    commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" for r in rows)
+    commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" + _earlier_commands(r) for r in rows)
     return markdown_table(rows, link_base, "") + "\n\nThe commands that produced them:\n\n" + commands
+
+
+def _earlier_commands(r: dict) -> str:
+    """A re-scored row's earlier numbers (training.publish_result keeps them in previous_results), oldest first."""
+    return "".join(f"; before it, L_{p.get('eval_samples')} = {p['test_ll_nats']:.2f} nats on {p.get('n_test', 0):,} "
+                   f"images from `{p.get('command', '?')}`" for p in r.get("previous_results") or []
+                   if isinstance(p.get("test_ll_nats"), (int, float)))
 
 
 # ----------------------------------------------------------------------------- speed (bench_*.json)

@@ -922,7 +922,7 @@ def weights_only_checkpoint(ckpt: dict) -> dict:
     """The evaluated weights (the EMA when there is one) with the config and training summary: all that
     --eval-only needs, without optimizer, batcher or RNG state."""
     keep = ("format", "model_name", "run_name", "config", "git_commit", "step", "epochs", "n_skipped",
-            "best_val_bound_nats", "best_step", "train_time_s", "precision_history")
+            "best_val_bound_nats", "best_step", "train_time_s", "precision_history", "stopped_by_time_limit")
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     return {**{k: ckpt.get(k) for k in keep}, "model": weights, "ema": None, "weights_only": True}
 
@@ -953,13 +953,39 @@ def _publish_checkpoint(source: Path, name: str, model_name: str):
     print(f"published {target.relative_to(REPO_ROOT)} ({buffer.tell() / 2 ** 20:.1f} MB, weights only)")
 
 
+# Facts of the training run that an --eval-only re-evaluation of an older weights-only checkpoint cannot know
+TRAINING_SUMMARY_KEYS = ("val_samples", "n_val", "stopped_by_time_limit", "world_size", "train_precision",
+                         "train_precision_history")
+
+
+def publish_result(result_path: Path, published: Path):
+    """Copy result.json to results/. A re-evaluation (--eval-only) of the run that `published` already holds keeps
+    that run's training facts the checkpoint lacks (named in training_summary_from_previous_result) and the numbers
+    it replaces, in previous_results, so an S=100 row re-scored at S=5000 keeps its history."""
+    record = json.loads(result_path.read_text())
+    if record.get("evaluated_checkpoint") and published.exists():
+        try:
+            old = json.loads(published.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("run_name") == record.get("run_name"):
+            copied = [k for k in TRAINING_SUMMARY_KEYS if record.get(k) is None and old.get(k) is not None]
+            record.update({k: old[k] for k in copied})
+            if copied:
+                record["training_summary_from_previous_result"] = copied
+            keep = ("eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "device", "command",
+                    "git_commit", "date")
+            record["previous_results"] = [*old.get("previous_results", []), {k: old.get(k) for k in keep}]
+    atomic_write_json(published, record)
+
+
 def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], name: str,
              checkpoint_path: Path | None = None):
     results = REPO_ROOT / "results"
     results.mkdir(exist_ok=True)
     _publish_figures(cfg, figures)
     published = results / f"{name}.json"
-    atomic_copy(result_path, published)
+    publish_result(result_path, published)
     print(f"published {published.relative_to(REPO_ROOT)} and {len(figures)} figures in assets/")
     if checkpoint_path is not None:
         _publish_checkpoint(checkpoint_path, name, rung.name)
@@ -1102,8 +1128,9 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
         return 0
     name = ckpt.get("run_name", run_name(rung, cfg))
     extra = {k: ckpt.get(k) for k in ("steps", "epochs", "n_skipped", "best_val_bound_nats", "best_step",
-                                      "train_time_s")}
+                                      "train_time_s", "stopped_by_time_limit")}
     extra["steps"] = ckpt.get("step")
+    extra["val_samples"] = saved.get("val_samples")
     _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv,
                       {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
                       t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint),

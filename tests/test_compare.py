@@ -242,3 +242,10 @@ def test_eval_bench_block_shows_before_and_after_and_skips_training_only_reports
     assert _compare(capsys, "--check", *paths)[0] == 0
     readme.write_text(text.replace("**5.00x**", "**6.00x**"))
     assert _compare(capsys, "--check", *paths)[0] == 1
+
+
+def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
+    row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
+           "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
+    assert compare._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
+    assert compare._earlier_commands({"run_name": "x", "command": "y"}) == ""

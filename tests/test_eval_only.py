@@ -53,3 +53,31 @@ def test_figures_only_without_eval_only_is_a_clear_error(capsys):
     code = training.main(model01.RUNG, model01.build_parser(), ["--figures-only"])
     assert code == 2
     assert "--figures-only needs --eval-only --checkpoint PATH" in capsys.readouterr().err
+
+
+def test_publishing_a_rescore_keeps_the_training_facts_and_the_number_it_replaces(tmp_path):
+    """An S=5000 re-score of an older weights-only checkpoint replaces its S=100 row: the training facts the
+    checkpoint lacks come from the row it replaces (and are named), and that row's numbers stay in previous_results."""
+    published = tmp_path / "published.json"
+    old = {"run_name": "m_run", "eval_samples": 100, "n_test": 10, "test_ll_nats": -90.5, "test_ll_stderr": 1.0,
+           "test_bpd": None, "device": "CPU A", "command": "python m.py --eval-samples 100", "git_commit": "a" * 40,
+           "date": "2026-11-21", "stopped_by_time_limit": True, "n_val": 1000, "val_samples": 20, "world_size": 1}
+    published.write_text(json.dumps(old))
+    rescore = {"run_name": "m_run", "evaluated_checkpoint": "checkpoints/m_run.pt", "eval_samples": 5000, "n_test": 10,
+               "test_ll_nats": -89.9, "test_ll_stderr": 1.0, "test_bpd": None, "stopped_by_time_limit": None,
+               "val_samples": 20, "git_commit": "b" * 40}
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps(rescore))
+    training.publish_result(result, published)
+    got = json.loads(published.read_text())
+    assert (got["eval_samples"], got["test_ll_nats"], got["git_commit"]) == (5000, -89.9, "b" * 40)
+    assert got["stopped_by_time_limit"] is True and got["n_val"] == 1000 and got["world_size"] == 1
+    assert got["training_summary_from_previous_result"] == ["n_val", "stopped_by_time_limit", "world_size"]
+    assert got["previous_results"] == [{k: old[k] for k in ("eval_samples", "n_test", "test_ll_nats", "test_ll_stderr",
+                                                              "test_bpd", "device", "command", "git_commit", "date")}]
+    assert json.loads(result.read_text()) == rescore  # the run's own result.json is left as it was
+    # another run's row, or a training run's result, is copied as it is
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**old, "run_name": "another"}))
+    training.publish_result(result, other)
+    assert json.loads(other.read_text()) == rescore
