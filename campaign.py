@@ -51,12 +51,15 @@ class Job:
     def out_dir(self) -> str:
         return f"{CAMPAIGN_DIR}/{self.name}"
 
+    def _precision_flags(self) -> list[str]:
+        if not self.bf16_where_native:
+            return []
+        from training import cpu_has_native_bf16  # (torch's start-up only for the job that needs it)
+        return ["--cpu-bf16"] if cpu_has_native_bf16() else []
+
     def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
-        cmd = ["python", self.script, *self.args, "--device", "cpu", "--out-dir", self.out_dir, "--publish"]
-        if self.bf16_where_native:
-            from training import cpu_has_native_bf16
-            if cpu_has_native_bf16():
-                cmd.insert(2 + len(self.args), "--cpu-bf16")
+        cmd = ["python", self.script, *self.args, *self._precision_flags(), "--device", "cpu", "--out-dir",
+               self.out_dir, "--publish"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if minutes:

@@ -332,7 +332,7 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     # the vector unit and bf16 support tell CPUs with the same model name apart (both measured here were
-    # "AMD EPYC": one with AVX512 and native bf16, one with AVX2 only, where --cpu-bf16 is emulated and slow)
+    # "AMD EPYC": one where --cpu-bf16 measured faster than float32, one with AVX2 only, where it is emulated and slow)
     capability = torch.backends.cpu.get_cpu_capability()
     if cpu_has_native_bf16():
         capability += " with native bf16"
