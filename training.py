@@ -313,6 +313,11 @@ def resolve_device(flag: str, dist_info: DistInfo) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"--device {flag} was requested but no CUDA GPU is visible to PyTorch "
                             f"(torch {torch.__version__}). Use --device cpu or --device auto.")
+        # PyTorch lets cuDNN convolutions run in TF32 by default (10-bit mantissa): evaluation is recorded as
+        # "float32" (result.json's eval_precision) and compared with CPU numbers, so float32 must mean float32.
+        # Training steps are unaffected in speed: they run under bf16 autocast (--amp) or opted out of it.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         if dist_info.enabled:
             return torch.device("cuda", dist_info.local_rank)
     elif flag != "cpu":

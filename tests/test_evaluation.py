@@ -149,3 +149,19 @@ def test_real_model_chunked_estimate_agrees_statistically():
     one_shot = training.evaluate_bound(model, split, 400, seed=0, chunk=10 ** 6)
     chunked = training.evaluate_bound(model, split, 400, seed=1, chunk=37)
     assert (one_shot - chunked).abs().max() < 0.5
+
+
+def test_cuda_device_turns_tf32_off_so_float32_evaluation_is_float32(monkeypatch):
+    """PyTorch runs cuDNN convolutions in TF32 by default; results say eval_precision "float32" and are compared with
+    CPU numbers, so choosing a CUDA device must switch TF32 off (checked without a GPU: only the flags are read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # (torch.backends.cuda.matmul is a property-backed module monkeypatch cannot undo: saved and restored by hand)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        device = training.resolve_device("cuda", training.DistInfo())
+        assert device.type == "cuda"
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
