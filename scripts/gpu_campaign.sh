@@ -74,8 +74,8 @@
 #   --data DIR         carried data: devdata/ from prepare_gpu_data.sh (xz + MANIFEST.tsv), or a plain torchvision
 #                      data root (*.gz), used in place (default ./devdata)
 #   --commit SHA       the commit (+"-dirty") the sent tree is at, recorded in the manifest (the device's copy
-#                      may have no .git, then every result.json says git_commit "unknown"; the unpack script
-#                      fills that in from here)
+#                      may have no .git -- every result.json then says git_commit "unknown" -- or a stale one, as on
+#                      2026-12-04: "<the session's first commit>-dirty"; the unpack script puts this value in)
 #   --budget-s N       total seconds (default 720; dry-run 1800)
 #   --steps LIST       comma-separated subset of 1,2,3,4 (default all; step 3 then sizes E from a fallback rate)
 #   --resume-runs DIR  DIR/rescore/<checkpoint>/test_eval.pt from an earlier PARTIAL re-score continue it

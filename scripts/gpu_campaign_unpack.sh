@@ -13,9 +13,11 @@
 #   --force          keep every published result, even a worse or smaller one
 #   --with-figures   also copy the figures a re-score (--eval-only) redrew; by default a re-score brings only its
 #                    result JSON: its weights are the published ones and its figures are redraws of them
-#   --no-stamp       leave git_commit "unknown" as it is (default: a result or bench JSON whose git_commit is
-#                    "unknown", because the device's copy had no git, gets the --commit the campaign was given,
-#                    recorded in the manifest; nothing is stamped when the manifest has none)
+#   --no-stamp       leave git_commit as the device wrote it (default: a result or bench JSON whose git_commit is
+#                    not the --commit the campaign was given, recorded in the manifest, gets that commit -- the
+#                    device's copy may have no .git ("unknown") or a stale one ("<older commit>-dirty") -- and
+#                    keeps the device's view as device_git_commit, its segment log entries likewise; nothing is
+#                    stamped when the manifest has none)
 #   --no-readme      with --apply: do not run compare.py --update-readme
 #
 # Rules, per published result results/<run>.json (the manifest lists what the campaign changed):
@@ -103,8 +105,16 @@ for rel in sorted(changed):
     if new is None:
         print(f"{rel:58} unreadable, skipped")
         continue
-    if stamp and commit and new.get("git_commit") == "unknown":
+    if stamp and commit and new.get("git_commit") != commit:
+        # The device's copy may have no .git ("unknown") or a stale one: on 2026-12-04 it held the .git of the
+        # checkout as the session began, so every result said "<that commit>-dirty" while the tree sent was
+        # --commit. The campaign's --commit names the code that ran; the device's own view is kept beside it.
+        device_view = new.get("git_commit")
         new["git_commit"] = commit
+        new["device_git_commit"] = device_view
+        for seg in new.get("eval_segment_log") or []:  # this campaign's segments (a CPU segment keeps its own)
+            if isinstance(seg, dict) and seg.get("git_commit") == device_view:
+                seg["git_commit"] = commit
         src.write_text(json.dumps(new, indent=2) + "\n")
     rehearsal = manifest.get("mode", "").startswith("dry-run")
     if Path(rel).name.startswith("bench_"):

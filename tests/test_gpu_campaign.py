@@ -44,3 +44,47 @@ def test_a_failing_step_is_reported_and_fails_the_script(data_dir, tmp_path):
     assert proc.returncode == 1
     assert "FAILED: step 2 bench" in proc.stdout + proc.stderr
     assert "1 FAILED" in (out / "SUMMARY.txt").read_text()
+
+
+def test_unpack_stamps_the_campaign_commit_over_the_devices_stale_git(tmp_path):
+    """The device's copy of the repo can carry a stale .git (seen: the session's first commit + "-dirty" in every
+    result while the tree sent was a later commit). The unpack script must record the campaign's --commit, keep
+    the device's view beside it, and restamp that campaign's evaluation segments only."""
+    import json
+    import shutil
+    import tarfile
+
+    repo = tmp_path / "repo"
+    for d in ("results", "assets", "checkpoints"):
+        (repo / d).mkdir(parents=True)
+    shutil.copy(ROOT / "compare.py", repo / "compare.py")
+    name = "model02_fashion-mnist_iwae_k5_unbounded_seed0"
+    old = {"run_name": name, "model": "model02", "dataset": "fashion-mnist", "eval_samples": 100, "n_test": 10000,
+           "test_ll_nats": -2401.0, "device_type": "cpu", "git_commit": "cpu-commit"}
+    (repo / "results" / f"{name}.json").write_text(json.dumps(old))
+    stale = "0000000000000000000000000000000000000000-dirty"
+    new = {**old, "eval_samples": 5000, "test_ll_nats": -2386.0, "device_type": "cuda", "git_commit": stale,
+           "evaluated_checkpoint": f"checkpoints/{name}.pt",
+           "eval_segment_log": [{"from_image": 0, "device": "CPU", "git_commit": "cpu-commit"},
+                                {"from_image": 50, "device": "NVIDIA H200", "git_commit": stale}]}
+    pub = tmp_path / "pub"
+    (pub / "results").mkdir(parents=True)
+    (pub / "results" / f"{name}.json").write_text(json.dumps(new))
+    sent = "1111111111111111111111111111111111111111"
+    (pub / "gpu_campaign_manifest.txt").write_text(
+        f"gpu_campaign publish manifest\nmode=gpu\ncommit={sent}\n# changed or new (md5  path, relative to the repo "
+        f"root)\nabc  results/{name}.json\n# re-saved by --eval-only --publish (the weights it evaluated), not packed\n"
+        "# deleted\n")
+    files = tmp_path / "files"
+    files.mkdir()
+    with tarfile.open(files / "publish.tar.gz", "w:gz") as tar:
+        tar.add(pub / "results", arcname="results")
+        tar.add(pub / "gpu_campaign_manifest.txt", arcname="gpu_campaign_manifest.txt")
+    proc = subprocess.run(["bash", "scripts/gpu_campaign_unpack.sh", str(files), "--repo", str(repo), "--apply",
+                           "--no-readme", "--stage", str(tmp_path / "stage")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads((repo / "results" / f"{name}.json").read_text())
+    assert got["test_ll_nats"] == -2386.0
+    assert got["git_commit"] == sent and got["device_git_commit"] == stale
+    assert [s["git_commit"] for s in got["eval_segment_log"]] == ["cpu-commit", sent]
