@@ -963,6 +963,19 @@ TRAINING_SUMMARY_KEYS = ("val_samples", "n_val", "stopped_by_time_limit", "world
                          "train_precision_history")
 
 
+def carry_run_totals(record: dict, old: dict) -> list[str]:
+    """A published checkpoint holds the run's best weights (validation-selected), so re-scoring it sees the step of
+    those weights, not how long the run trained: when the checkpoint is that run's best (its step is the old result's
+    best_step, before the end of the run), the run's totals (steps, epochs, train_time_s) stay the old result's.
+    Returns the keys it carried."""
+    best, steps = old.get("best_step"), old.get("steps")
+    if best is None or steps is None or record.get("steps") != best or steps <= best:
+        return []
+    keys = [k for k in ("steps", "epochs", "train_time_s") if old.get(k) is not None]
+    record.update({k: old[k] for k in keys})
+    return keys
+
+
 def publish_result(result_path: Path, published: Path):
     """Copy result.json to results/. A re-evaluation (--eval-only) of the run that `published` already holds keeps
     that run's training facts the checkpoint lacks (named in training_summary_from_previous_result) and the numbers
@@ -976,6 +989,7 @@ def publish_result(result_path: Path, published: Path):
         if old.get("run_name") == record.get("run_name"):
             copied = [k for k in TRAINING_SUMMARY_KEYS if record.get(k) is None and old.get(k) is not None]
             record.update({k: old[k] for k in copied})
+            copied += carry_run_totals(record, old)
             if copied:
                 record["training_summary_from_previous_result"] = copied
             keep = ("eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "device", "command",

@@ -81,3 +81,26 @@ def test_publishing_a_rescore_keeps_the_training_facts_and_the_number_it_replace
     other.write_text(json.dumps({**old, "run_name": "another"}))
     training.publish_result(result, other)
     assert json.loads(other.read_text()) == rescore
+
+
+def test_rescoring_the_runs_best_checkpoint_keeps_the_runs_total_steps(tmp_path):
+    """A published checkpoint is the run's best (validation-selected) one: a re-score sees the step of those weights
+    (1500) and the training time up to them, but the row must keep how long the run trained (2500 steps)."""
+    published = tmp_path / "published.json"
+    old = {"run_name": "m_run", "eval_samples": 100, "n_test": 10, "test_ll_nats": -90.5, "steps": 2500,
+           "epochs": 4.24, "train_time_s": 1162.9, "best_step": 1500}
+    published.write_text(json.dumps(old))
+    rescore = {"run_name": "m_run", "evaluated_checkpoint": "checkpoints/m_run.pt", "eval_samples": 5000,
+               "n_test": 10, "test_ll_nats": -89.9, "steps": 1500, "epochs": 2.54, "train_time_s": 698.0,
+               "best_step": 1500}
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps(rescore))
+    training.publish_result(result, published)
+    got = json.loads(published.read_text())
+    assert (got["steps"], got["epochs"], got["train_time_s"], got["best_step"]) == (2500, 4.24, 1162.9, 1500)
+    assert got["training_summary_from_previous_result"] == ["steps", "epochs", "train_time_s"]
+    # the checkpoint of the last step (best_step == steps): nothing to carry
+    published.write_text(json.dumps({**old, "steps": 1500}))
+    training.publish_result(result, published)
+    got = json.loads(published.read_text())
+    assert got["steps"] == 1500 and "training_summary_from_previous_result" not in got
