@@ -251,7 +251,7 @@ def load_benches(results_dir: Path) -> list[dict]:
     return benches
 
 
-BENCH_HEADER = ("| device | model | threads | training: ours / naive (images/s) | speed-up | "
+BENCH_HEADER = ("| device | model | threads | batch | training: ours / naive (images/s) | speed-up | "
                 "ours with --cpu-bf16 | evaluation: ours / naive (samples/s) | speed-up | "
                 "host syncs per step: ours / naive |")
 
@@ -285,7 +285,9 @@ def _training_row(r: dict) -> list[str]:
     syncs = " / ".join(str(train[v].get("host_syncs_per_step", {}).get("total", "?")) for v in ("ours", "naive"))
     evaluation = ([f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}", f"**{ev['speedup']:.2f}x**"]
                   if ev else ["—", "—"])  # bench.py --phases train
-    return [r["model"], str(r["threads"]), f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
+    # the batch sets the step's cost: images/s at batch 20 and at 100 are different measurements
+    return [r["model"], str(r["threads"]), str(r["batch_size"]),
+            f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
             f"**{train['speedup']:.2f}x**", bf16, *evaluation, syncs]
 
 

@@ -102,7 +102,9 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     for name in ("model01.py", "training.py", "data.py", "distributions.py", "layers.py", "compare.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     small = [a for a in SEGMENTED[:SEGMENTED.index("--segment-minutes")] if a != "--device" and a != "cpu"]
-    job = campaign.Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py", small, "a tiny run")
+    model01 = importlib.import_module("model01")
+    cfg = model01.Config.from_dict(vars(model01.build_parser().parse_args(small)))
+    job = campaign.Job(training.run_name(model01.RUNG, cfg), "model01.py", small, "a tiny run")  # as it publishes
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
 

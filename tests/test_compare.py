@@ -209,7 +209,7 @@ def test_bench_block_is_rendered_from_bench_json_and_a_hand_edit_fails_check(tmp
     code, out = _compare(capsys, "--update-readme", *paths)
     assert code == 0, out
     text = readme.read_text()
-    assert "stale" not in text and "| [CPU (test)](results/bench_cpu.json) | model01 | 1 | 9000 / 3000 | **3.00x** |" in text
+    assert "stale" not in text and "| [CPU (test)](results/bench_cpu.json) | model01 | 1 | 100 | 9000 / 3000 | **3.00x** |" in text
     assert "12000 (4.00x)" in text and "**5.00x**" in text and "0 / 40" in text and "aaaaaaa" in text
     assert _compare(capsys, "--check", *paths)[0] == 0
     readme.write_text(text.replace("**3.00x**", "**3.50x**"))

@@ -147,3 +147,11 @@ def test_resume_may_switch_cpu_bf16_and_records_the_steps_of_each_precision(quic
     resume = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "resume"]
     assert resume[-1]["train_precision"] == "bf16 autocast"
+
+
+def test_run_name_carries_a_batch_other_than_the_default():
+    """A schedule in epochs gives 5x the updates at the paper's batch of 20: that run is another experiment and must
+    not publish over the batch-100 row, whose name stays as published."""
+    import model01
+    assert training.run_name(model01.RUNG, Config()) == "model01_binarized-mnist_iwae_k5_seed0"
+    assert training.run_name(model01.RUNG, Config(batch_size=20)) == "model01_binarized-mnist_iwae_k5_b20_seed0"
