@@ -871,6 +871,7 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+        _release_out_dir_locks()
 
 
 def _interrupt_now(signum, frame):
@@ -879,8 +880,39 @@ def _interrupt_now(signum, frame):
                       f"the last checkpoint.", signum)
 
 
+_OUT_DIR_LOCKS: dict[str, int] = {}  # out-dir -> file descriptor holding its lock, released when main returns
+
+
+def _lock_out_dir(path: Path):
+    """Exclusive lock on the out-dir itself for as long as this run lasts: a second process on the same out-dir (a
+    campaign started twice, the same command in two shells) would interleave its writes of ckpt.pt, log.jsonl and
+    test_eval.pt with ours, so it stops at once instead. flock on the directory: no lock file to commit or clean
+    up, and the kernel drops the lock when the holder dies. (No fcntl on Windows: no lock there.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(path.resolve())
+    if key in _OUT_DIR_LOCKS:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"out-dir {path} is in use by another running process (it holds a lock on the folder); "
+                        f"two runs writing one out-dir would corrupt its checkpoint. Wait for it, stop it, or "
+                        f"choose another --out-dir.") from None
+    _OUT_DIR_LOCKS[key] = fd
+
+
+def _release_out_dir_locks():
+    while _OUT_DIR_LOCKS:
+        os.close(_OUT_DIR_LOCKS.popitem()[1])  # closing the descriptor releases the flock
+
+
 def _prepare_out_dir(path: Path, is_main: bool):
-    if not is_main:
+    if not is_main:  # torchrun: rank 0 holds the lock for all ranks
         return
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -889,6 +921,7 @@ def _prepare_out_dir(path: Path, is_main: bool):
         probe.unlink()
     except OSError as e:
         raise UserError(f"out-dir {path} is not writable ({e.strerror}); choose another with --out-dir.") from None
+    _lock_out_dir(path)
 
 
 def _result_record(rung, cfg, name, info, summary, n_test, extra, device, wall_time_s, argv, commit) -> dict:

@@ -492,3 +492,30 @@ def test_real_wandb_offline_never_prompts(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert list((out / "wandb").glob("offline-run-*"))
     assert (out / "result.json").exists()
+
+
+def test_a_second_run_on_an_out_dir_in_use_is_refused_and_the_lock_ends_with_the_run(data_dir, tmp_path, capsys):
+    """Two processes writing one out-dir (a campaign started twice, one command in two shells) would interleave
+    their checkpoints: the second stops before writing anything. The lock is the kernel's (flock), held until the
+    run returns, so a finished or killed run leaves nothing that blocks the next."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)  # another process's lock on the folder (its own open file)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code = training.main(model01.RUNG, model01.build_parser(),
+                             ["--out-dir", str(out), "--data-dir", str(data_dir), *SMALL])
+        assert code == 2 and "is in use by another running process" in capsys.readouterr().err
+        assert list(out.iterdir()) == []  # nothing written
+    finally:
+        os.close(holder)
+    # a run that takes the lock and then fails (no data there) releases it when main returns
+    code = training.main(model01.RUNG, model01.build_parser(),
+                         ["--out-dir", str(out), "--data-dir", str(tmp_path / "no-data"), *SMALL])
+    assert code == 2 and "in use" not in capsys.readouterr().err
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run still held it
+    finally:
+        os.close(fd)
