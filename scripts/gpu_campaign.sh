@@ -77,7 +77,9 @@
 #                      may have no .git -- every result.json then says git_commit "unknown" -- or a stale one, as on
 #                      2026-12-04: "<the session's first commit>-dirty"; the unpack script puts this value in)
 #   --budget-s N       total seconds (default 720; dry-run 1800)
-#   --steps LIST       comma-separated subset of 1,2,3,4 (default all; step 3 then sizes E from a fallback rate)
+#   --steps LIST       comma-separated subset of 1,2,3,4 (default 1,2,4: step 3 is opt-in since the CPU campaign
+#                      published model01 after the whole 3280-epoch schedule, which ~6 GPU minutes at batch 100 cannot
+#                      beat; without step 1, step 3 sizes E from a fallback rate)
 #   --resume-runs DIR  DIR/rescore/<checkpoint>/test_eval.pt from an earlier PARTIAL re-score continue it
 #   --rescore NAMES    step 4 only for these checkpoints (comma-separated names without .pt; default all)
 #   --work DIR         scratch folder (default a new /tmp/vae_gpu_campaign.XXXXXX)
@@ -94,7 +96,7 @@ OUT_DIR="${OUT:-}"
 DATA="devdata"
 COMMIT=""
 BUDGET_S=""
-STEPS="1,2,3,4"
+STEPS="1,2,4"
 RESUME_RUNS=""
 RESCORE=""
 WORK=""

@@ -18,7 +18,8 @@ def published_hashes() -> dict:
 def test_dry_run_rehearses_every_step_and_changes_no_published_file(data_dir, tmp_path):
     before = published_hashes()
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run(["bash", "scripts/gpu_campaign.sh", "--dry-run", "--out", str(out), "--work", str(work),
+    proc = subprocess.run(["bash", "scripts/gpu_campaign.sh", "--dry-run", "--steps", "1,2,3,4", "--out", str(out),
+                           "--work", str(work),
                            "--data", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     summary = (out / "SUMMARY.txt").read_text() if (out / "SUMMARY.txt").exists() else ""
