@@ -105,7 +105,11 @@ def torchrun(script, *args, env=None, timeout=300):
 def failure(proc) -> str:
     """The workers' own error (torchrun's summary at the end of stderr hides it) and the output tails."""
     start = proc.stderr.find("Traceback")
-    return (proc.stderr[start:start + 4000] if start >= 0 else "") + "\n...\n" + proc.stdout[-1500:] + proc.stderr[-1500:]
+    # what came before the first traceback too: a worker killed by a signal (a C++ abort in gloo, say) prints its
+    # reason there, and the first traceback is then torchrun's own
+    before = proc.stderr[max(0, start - 2000):start] if start > 0 else ""
+    return (before + "\n...\n" + (proc.stderr[start:start + 4000] if start >= 0 else "") + "\n...\n"
+            + proc.stdout[-1500:] + proc.stderr[-1500:])
 
 
 def records(out_dir, record_type):
