@@ -850,6 +850,7 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     # SIGINT/SIGTERM outside the training steps (loading, evaluation) stop at once with a message; the
     # training loop defers them to the end of the step in progress (see train).
     previous_handlers = {sig: signal.signal(sig, _interrupt_now) for sig in (signal.SIGINT, signal.SIGTERM)}
+    agreed_exit = False  # an exit every torchrun process reaches together (see _shutdown_distributed)
     try:
         cfg = rung.config_class.from_dict(vars(args))
         if cfg.quick:
@@ -857,12 +858,16 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
                                               if k not in explicit_flags(parser, argv)})
         validate_config(cfg)
         if cfg.eval_only:
-            return evaluate_checkpoint(rung, cfg, explicit_flags(parser, argv), argv)
-        return train(rung, cfg, argv)
+            code = evaluate_checkpoint(rung, cfg, explicit_flags(parser, argv), argv)
+        else:
+            code = train(rung, cfg, argv)
+        agreed_exit = code == 0
+        return code
     except (UserError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SegmentEnd as e:
+    except SegmentEnd as e:  # every process ends the segment at the same step (_any_rank)
+        agreed_exit = True
         print(str(e), file=sys.stderr)
         return EXIT_SEGMENT_END
     except Interrupted as e:
@@ -871,7 +876,23 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+        _shutdown_distributed(agreed_exit)
         _release_out_dir_locks()
+
+
+def _shutdown_distributed(agreed_exit: bool):
+    """Tear the process group down. After an exit that every process reaches together (a finished run, a segment
+    end), a barrier first: process 0 still writes figures and results while the others are done, and a gloo
+    process that destroyed its group and exited before its peer aborted now and then ("terminate called without
+    an active exception", SIGABRT, in ~1 of 12 two-process test runs). After an error no barrier: the others may
+    never get there."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if agreed_exit:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _interrupt_now(signum, frame):
@@ -911,17 +932,24 @@ def _release_out_dir_locks():
         os.close(_OUT_DIR_LOCKS.popitem()[1])  # closing the descriptor releases the flock
 
 
-def _prepare_out_dir(path: Path, is_main: bool):
-    if not is_main:  # torchrun: rank 0 holds the lock for all ranks
-        return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out-dir {path} is not writable ({e.strerror}); choose another with --out-dir.") from None
-    _lock_out_dir(path)
+def _prepare_out_dir(path: Path, dist_info: DistInfo, device):
+    """Create and probe the out-dir and lock it (process 0 does, for all). A collective under torchrun: every process
+    stops with the same error when process 0 cannot have the out-dir, instead of the others going on alone into
+    their first collective and aborting there."""
+    error = None
+    if dist_info.is_main:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            _lock_out_dir(path)
+        except OSError as e:
+            error = UserError(f"out-dir {path} is not writable ({e.strerror}); choose another with --out-dir.")
+        except UserError as e:
+            error = e
+    if _any_rank(error is not None, dist_info, device):
+        raise error or UserError(f"process 0 could not take out-dir {path} (see its message); stopping with it.")
 
 
 def _result_record(rung, cfg, name, info, summary, n_test, extra, device, wall_time_s, argv, commit) -> dict:
@@ -1157,7 +1185,7 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     # Default: a folder beside the checkpoint, so the training run's own result.json is never replaced.
     checkpoint = Path(cfg.checkpoint).resolve()
     out_dir = Path(cfg.out_dir) if "out_dir" in given else checkpoint.parent / f"eval_{checkpoint.stem}"
-    _prepare_out_dir(out_dir, dist_info.is_main)
+    _prepare_out_dir(out_dir, dist_info, device)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
     model = prepare_model(rung.build_model(cfg, data.info), device)
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
@@ -1175,8 +1203,6 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
                 _publish_figures(cfg, figures)
             print(f"redrew {len(figures)} figures of {cfg.checkpoint} in {out_dir}"
                   + (" and copied them to assets/" if cfg.publish else ""))
-        if dist_info.enabled:
-            dist.destroy_process_group()
         return 0
     name = ckpt.get("run_name", run_name(rung, cfg))
     extra = {k: ckpt.get(k) for k in ("steps", "epochs", "n_skipped", "best_val_bound_nats", "best_step",
@@ -1187,8 +1213,6 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
                       {**extra, "evaluated_checkpoint": str(cfg.checkpoint), "train_git_commit": ckpt.get("git_commit")},
                       t_start, git_commit(), checkpoint_path=Path(cfg.checkpoint),
                       deadline=segment_deadline(cfg, t_start))
-    if dist_info.enabled:
-        dist.destroy_process_group()
     return 0
 
 
@@ -1219,7 +1243,7 @@ def train(rung: Rung, cfg, argv) -> int:
     name = run_name(rung, cfg)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_ROOT / "runs" / name
     cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
-    _prepare_out_dir(out_dir, dist_info.is_main)
+    _prepare_out_dir(out_dir, dist_info, device)
     ckpt_path, best_path, result_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "result.json"
 
     # Resume rules: an unfinished run in out_dir continues (with or without --resume); a finished one
@@ -1500,6 +1524,4 @@ def train(rung: Rung, cfg, argv) -> int:
             wandb_run.finish()
         except Exception:
             pass
-    if dist_info.enabled:
-        dist.destroy_process_group()
     return 0

@@ -216,3 +216,23 @@ def test_two_processes_continue_segments_and_a_partial_test_evaluation(tmp_path,
     assert got["test_ll_nats"] == want["test_ll_nats"] and got["n_test"] == want["n_test"] == 31
     assert got["eval_segments"] == 4
     assert not list(segmented.glob("test_eval*.pt"))
+
+
+def test_an_out_dir_in_use_stops_every_process_with_the_same_error(tmp_path, data_dir):
+    """Process 0 takes the out-dir's lock for all; when another run holds it, every process must stop with status
+    2 before training, not process 0 alone while the other goes on into its first collective and aborts."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        proc = torchrun("model01.py", "--data-dir", data_dir, "--device", "cpu", "--max-steps", "4", "--batch-size",
+                        "20", "--out-dir", out, timeout=120)
+    finally:
+        os.close(holder)
+    assert proc.returncode == 1, failure(proc)  # torchrun's status when a worker fails
+    # the first to exit 2 makes torchrun SIGTERM the other, which may not have exited yet: one "exitcode : 2" at least
+    assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr, failure(proc)
+    assert "is in use by another running process" in proc.stderr
+    assert list(out.iterdir()) == []
