@@ -877,7 +877,7 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         _shutdown_distributed(agreed_exit)
-        _release_out_dir_locks()
+        _release_out_dir_lock()
 
 
 def _shutdown_distributed(agreed_exit: bool):
@@ -901,7 +901,7 @@ def _interrupt_now(signum, frame):
                       f"the last checkpoint.", signum)
 
 
-_OUT_DIR_LOCKS: dict[str, int] = {}  # out-dir -> file descriptor holding its lock, released when main returns
+_out_dir_lock_fd: int | None = None  # the descriptor holding this run's out-dir lock, released when main returns
 
 
 def _lock_out_dir(path: Path):
@@ -909,12 +909,10 @@ def _lock_out_dir(path: Path):
     campaign started twice, the same command in two shells) would interleave its writes of ckpt.pt, log.jsonl and
     test_eval.pt with ours, so it stops at once instead. flock on the directory: no lock file to commit or clean
     up, and the kernel drops the lock when the holder dies. (No fcntl on Windows: no lock there.)"""
+    global _out_dir_lock_fd
     try:
         import fcntl
     except ImportError:
-        return
-    key = str(path.resolve())
-    if key in _OUT_DIR_LOCKS:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -924,12 +922,14 @@ def _lock_out_dir(path: Path):
         raise UserError(f"out-dir {path} is in use by another running process (it holds a lock on the folder); "
                         f"two runs writing one out-dir would corrupt its checkpoint. Wait for it, stop it, or "
                         f"choose another --out-dir.") from None
-    _OUT_DIR_LOCKS[key] = fd
+    _out_dir_lock_fd = fd
 
 
-def _release_out_dir_locks():
-    while _OUT_DIR_LOCKS:
-        os.close(_OUT_DIR_LOCKS.popitem()[1])  # closing the descriptor releases the flock
+def _release_out_dir_lock():
+    global _out_dir_lock_fd
+    if _out_dir_lock_fd is not None:
+        os.close(_out_dir_lock_fd)  # closing the descriptor releases the flock
+        _out_dir_lock_fd = None
 
 
 def _prepare_out_dir(path: Path, dist_info: DistInfo, device):
