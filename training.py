@@ -885,7 +885,7 @@ def _shutdown_distributed(agreed_exit: bool):
     end), a barrier first: process 0 still writes figures and results while the others are done, and a gloo
     process that destroyed its group and exited before its peer aborted now and then ("terminate called without
     an active exception", SIGABRT, in ~1 of 12 two-process test runs). The barrier made it rarer (0 of 24 runs of
-    that test) but not gone: it was seen once more after it, after the result was written, under a loaded CPU --
+    that test) but not gone: it was seen once more after it, after the result was written, in a full test run --
     possibly gloo's threads at interpreter shutdown (pytorch/pytorch#179291 describes such an abort); not yet
     understood. After an error no barrier: the others may never get there."""
     if not (dist.is_available() and dist.is_initialized()):
