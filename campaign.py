@@ -30,6 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 REPO_ROOT = Path(__file__).resolve().parent
 CAMPAIGN_DIR = "campaign"
 EXIT_SEGMENT_END = 75  # training.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
@@ -208,17 +213,52 @@ class Lanes:
         self.lanes, self.data_dir, self.log_dir = lanes, data_dir, log_dir
         self.lock = threading.Lock()
         self.claimed: set[str] = set()
+        self.logs = {}  # job name -> its open, locked log file while a lane runs it
         self.children: list[subprocess.Popen] = []
         self.finished, self.failed = [], []
         self.stopping = False
 
     def next_job(self) -> Job | None:
+        """The first job that is not finished and not taken: by another lane of this process (self.claimed), by
+        another `campaign.py run` (it holds a lock on the job's log file while the job runs), or by any process
+        running on the job's out-dir (the scripts lock it). Taking it locks its log file until release(job)."""
         with self.lock:
             for job in JOBS:
-                if job.name not in self.claimed and job_status(job)["state"] != "finished":
-                    self.claimed.add(job.name)
-                    return job
+                if job.name in self.claimed or job_status(job)["state"] == "finished":
+                    continue
+                self.claimed.add(job.name)  # tried once per session, whether it runs here or elsewhere
+                log, why_not = self._take(job)
+                if log is None:
+                    print(f"[campaign] {job.name}: skipped, {why_not}", flush=True)
+                    continue
+                self.logs[job.name] = log
+                return job
         return None
+
+    def _take(self, job: Job):
+        """(the job's log file, opened for append and locked, None) or (None, why another process has the job)."""
+        log = open(self.log_dir / f"{job.name}.log", "a")
+        if fcntl is None:  # no flock (Windows): the out-dir lock of the scripts still stops a second writer
+            return log, None
+        try:
+            fcntl.flock(log.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.close()
+            return None, f"another campaign.py run is running it (it holds {self.log_dir / job.name}.log)"
+        out_dir = REPO_ROOT / job.out_dir
+        if out_dir.is_dir():  # a process started by hand on the out-dir: probe the scripts' lock, do not keep it
+            fd = os.open(out_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.close()
+                return None, f"another process is running on its out-dir {job.out_dir}"
+            finally:
+                os.close(fd)  # closing drops the probe's lock, if taken
+        return log, None
+
+    def release(self, job: Job):
+        self.logs.pop(job.name).close()  # closing the log file drops its lock
 
     def lane(self, index: int):
         while not self.stopping:
@@ -229,15 +269,18 @@ class Lanes:
             if job is None:
                 return
             cmd = job.command(round(minutes_left, 1), self.data_dir)
-            log = self.log_dir / f"{job.name}.log"
-            print(f"[lane {index}] {' '.join(cmd)}  (output: {log})", flush=True)
-            with open(log, "a") as f:
-                # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice
-                child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
+            log = self.logs[job.name]
+            print(f"[lane {index}] {' '.join(cmd)}  (output: {log.name})", flush=True)
+            try:
+                # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice. The child
+                # shares the locked log file, so the job stays taken while it runs even if this process dies.
+                child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
                                          start_new_session=True)
                 self.children.append(child)
                 code = child.wait()
+            finally:
+                self.release(job)
             if code == 0:
                 self.finished.append(job.name)
                 print(f"[lane {index}] {job.name}: finished and published", flush=True)

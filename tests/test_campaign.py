@@ -130,3 +130,29 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     assert len(report) == 4 and report[0].endswith("--lanes 2: first machine") and "commit" in report[0]
     assert report[1].startswith(f"    {job.name}: training -- step ") and "best validation bound" in report[1]
     assert report[3].startswith(f"    {job.name}: finished -- test L_5 = ")
+
+
+def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path, capsys):
+    """Two `campaign.py run` at once (two shells, a session that did not see the other) must not run one job
+    twice: the first holds a lock on the job's log file while it runs it, and a job whose out-dir a process
+    holds (a command started by hand) is skipped too. The next free job is taken instead."""
+    first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [first, second])
+    one = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
+    assert one.next_job() is first
+    other = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
+    assert other.next_job() is second and other.next_job() is None  # each tried once per session
+    assert f"{first.name}: skipped, another campaign.py run is running it" in capsys.readouterr().out
+
+    one.release(first)
+    other.release(second)
+    out_dir = tmp_path / first.out_dir
+    out_dir.mkdir(parents=True)
+    training._lock_out_dir(out_dir)  # what a modelNN.py run on that out-dir holds
+    try:
+        assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is second
+        assert f"{first.name}: skipped, another process is running on its out-dir" in capsys.readouterr().out
+    finally:
+        training._release_out_dir_lock()
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first  # free again
