@@ -12,7 +12,6 @@ q(z|x) with 50 dims; decoder 50-200-200-784 with tanh -> Bernoulli logits; prior
     python model01.py --quick --data-dir ../shared/data # about a minute on 2 CPU cores
 """
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,4 +92,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(training.main(RUNG, build_parser()))
+    training.run_script(RUNG, build_parser())

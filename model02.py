@@ -45,7 +45,6 @@ single layer stays the bottleneck that model04's hierarchy addresses).
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -188,4 +187,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(training.main(RUNG, build_parser()))
+    training.run_script(RUNG, build_parser())

@@ -30,7 +30,6 @@ dims, prior N(0, I)); the decoder's 2C output channels are a location and a raw 
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -159,4 +158,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(training.main(RUNG, build_parser()))
+    training.run_script(RUNG, build_parser())

@@ -45,7 +45,6 @@ collapsed layer shows.
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -406,4 +405,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(training.main(RUNG, build_parser()))
+    training.run_script(RUNG, build_parser())

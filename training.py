@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -882,12 +883,8 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
 
 def _shutdown_distributed(agreed_exit: bool):
     """Tear the process group down. After an exit that every process reaches together (a finished run, a segment
-    end), a barrier first: process 0 still writes figures and results while the others are done, and a gloo
-    process that destroyed its group and exited before its peer aborted now and then ("terminate called without
-    an active exception", SIGABRT, in ~1 of 12 two-process test runs). The barrier made it rarer (0 of 24 runs of
-    that test) but not gone: it was seen once more after it, after the result was written, in a full test run --
-    possibly gloo's threads at interpreter shutdown (pytorch/pytorch#179291 describes such an abort); not yet
-    understood. After an error no barrier: the others may never get there."""
+    end), a barrier first: process 0 still writes figures and results while the others are done. After an error
+    no barrier: the others may never get there. This does not end gloo's threads (see run_script)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
@@ -895,6 +892,41 @@ def _shutdown_distributed(agreed_exit: bool):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # the same test as init_distributed's
+
+
+def run_script(rung: Rung, parser: argparse.ArgumentParser):
+    """`if __name__ == "__main__"` of every modelNN.py: run `main` and leave with its status.
+
+    A torchrun worker leaves through os._exit, after main has written its files, torn its process group down and
+    released the out-dir lock, and after stdout/stderr are flushed, so it never runs interpreter shutdown.
+    Why: once DistributedDataParallel has been built on the group, destroy_process_group does not end gloo's
+    threads (gloo_tcp_loop and two pt_gloo_runloop stay alive even after gc.collect(), torch 2.14), and one of
+    them may still be releasing the last collective's tensors while Python finalizes. It then needs the GIL, the
+    finalizing interpreter ends the thread, and the process dies with "terminate called without an active
+    exception" (SIGABRT) after its work is done, and torchrun reports a failed run (pytorch/pytorch#179291 has
+    the same mechanism for a group never destroyed). A 2-process script that builds DDP, trains a few steps,
+    all-reduces, barriers, destroys the group and returns aborted in 2 of 20 runs on a loaded 2-core machine, and
+    the test suite's torchrun runs now and then. Nothing that needs interpreter shutdown is lost: result files
+    are written atomically and closed, the JSONL log is opened per record, and wandb is finished in train.
+    A plain `python modelNN.py` (one process, no group) exits as usual."""
+    if not _torchrun_worker():
+        sys.exit(main(rung, parser))
+    try:
+        status = main(rung, parser)
+    except SystemExit as e:  # argparse's exit 2 on bad flags, after its usage message
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # a bug: main already tore the group down (finally); show the traceback, exit 1
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _interrupt_now(signum, frame):

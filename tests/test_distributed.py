@@ -84,7 +84,7 @@ TINY_RUNG = textwrap.dedent('''
     if __name__ == "__main__":
         parser = argparse.ArgumentParser()
         training.add_common_args(parser, training.TrainConfig(dataset="mnist"))
-        sys.exit(training.main(RUNG, parser))
+        training.run_script(RUNG, parser)
 ''')
 
 TRAIN_FLAGS = ["--dataset", "mnist", "--device", "cpu", "--max-steps", "6", "--batch-size", "40", "--lr", "0.01",
@@ -236,3 +236,40 @@ def test_an_out_dir_in_use_stops_every_process_with_the_same_error(tmp_path, dat
     assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr, failure(proc)
     assert "is in use by another running process" in proc.stderr
     assert list(out.iterdir()) == []
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_run_script_leaves_a_torchrun_worker_through_os_exit_with_mains_status(monkeypatch, capsys):
+    """A torchrun worker skips interpreter shutdown, where gloo threads that DDP keeps alive abort the process
+    now and then (training.run_script); the exit status must still be main's, whatever way main ends."""
+    statuses = []
+
+    def fake_os_exit(status):
+        statuses.append(status)
+        raise _Exited
+
+    def broken_main(rung, parser):
+        raise RuntimeError("a bug in main")
+
+    def bad_flags(rung, parser):
+        raise SystemExit(2)  # what argparse raises after printing its usage
+
+    monkeypatch.setattr(training.os, "_exit", fake_os_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for main, expected in ((lambda rung, parser: 0, 0), (lambda rung, parser: 3, 3), (broken_main, 1),
+                           (bad_flags, 2)):
+        monkeypatch.setattr(training, "main", main)
+        with pytest.raises(_Exited):
+            training.run_script(None, None)
+        assert statuses[-1] == expected
+    assert "RuntimeError: a bug in main" in capsys.readouterr().err  # the traceback is shown, not swallowed
+
+    # one process without torchrun: a plain sys.exit, interpreter shutdown as usual
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(training, "main", lambda rung, parser: 4)
+    with pytest.raises(SystemExit) as exited:
+        training.run_script(None, None)
+    assert exited.value.code == 4 and len(statuses) == 4
