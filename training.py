@@ -293,12 +293,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(device_flag: str) -> DistInfo:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python modelNN.py` runs one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if not _torchrun_worker():
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_flag != "cpu"
         if use_cuda:
@@ -892,10 +895,6 @@ def _shutdown_distributed(agreed_exit: bool):
             dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _torchrun_worker() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # the same test as init_distributed's
 
 
 def run_script(rung: Rung, parser: argparse.ArgumentParser):
