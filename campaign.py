@@ -268,10 +268,10 @@ class Lanes:
             job = self.next_job()
             if job is None:
                 return
-            cmd = job.command(round(minutes_left, 1), self.data_dir)
-            log = self.logs[job.name]
-            print(f"[lane {index}] {' '.join(cmd)}  (output: {log.name})", flush=True)
-            try:
+            try:  # from here on the job's log lock is held: whatever fails below must release it
+                cmd = job.command(round(minutes_left, 1), self.data_dir)
+                log = self.logs[job.name]
+                print(f"[lane {index}] {' '.join(cmd)}  (output: {log.name})", flush=True)
                 # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice. The child
                 # shares the locked log file, so the job stays taken while it runs even if this process dies.
                 child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -279,6 +279,10 @@ class Lanes:
                                          start_new_session=True)
                 self.children.append(child)
                 code = child.wait()
+            except Exception as error:  # e.g. a job whose command cannot be built or started: count it, go on
+                self.failed.append(job.name)
+                print(f"[lane {index}] {job.name}: could not start: {error!r}", flush=True)
+                continue
             finally:
                 self.release(job)
             if code == 0:

@@ -156,3 +156,34 @@ def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path,
     finally:
         training._release_out_dir_lock()
     assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first  # free again
+
+
+def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatch, tmp_path, capsys):
+    """A lane that cannot start a job (a command that cannot be built, an executable that will not run) must
+    report it, release the job's log lock so a later run can take it, and go on with the next job."""
+    first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [first, second])
+    started = []
+
+    class Finished:  # a child that has already exited 0
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    def popen(cmd, **kwargs):
+        if first.out_dir in cmd:
+            raise OSError("exec format error")
+        started.append(cmd)
+        return Finished()
+
+    monkeypatch.setattr(campaign.subprocess, "Popen", popen)
+    lanes = campaign.Lanes(minutes=5, lanes=1, data_dir=None, log_dir=tmp_path)
+    lanes.lane(0)
+    out = capsys.readouterr().out
+    assert lanes.failed == [first.name] and lanes.finished == [second.name] and len(started) == 1
+    assert f"{first.name}: could not start: OSError('exec format error')" in out
+    assert lanes.logs == {}  # every log file closed, so every lock dropped
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first
