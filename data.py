@@ -97,6 +97,12 @@ class Split:
             return images_u8.float()
         return images_u8.float() / 255.0
 
+    def mean_image(self) -> torch.Tensor:
+        """[C, H, W] float32: the mean of to_float over the split (for a dynamically binarized split, the
+        probability that each pixel is 1)."""
+        mean = self.images.float().mean(0)
+        return mean if self.binary and not self.dynamic_binarize else mean / 255.0
+
     def subset(self, n: int) -> "Split":
         return Split(self.images[:n], self.binary, self.dynamic_binarize)
 

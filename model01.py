@@ -32,6 +32,10 @@ class Config(training.TrainConfig):
     # CPU thread (results/bench_cpu_b20.json vs bench_cpu.json); runs at another batch get "_b<batch>" in their name
     batch_size: int = 100
     epochs: int = 100
+    # pytorch: nn.Linear's default init. burda: as the paper's code (yburda/iwae) -- Glorot-uniform weights, zero
+    # biases, and the Bernoulli output bias at the logit of the training set's mean pixel, so p(x|z) starts at the
+    # data's marginal instead of 0.5 everywhere. Runs with burda get "_initburda" in their name.
+    init: str = "pytorch"
 
 
 # ----------------------------------------------------------------------------- model
@@ -46,6 +50,13 @@ class IWAE(nn.Module):
         self.posterior = GaussianHead(h, cfg.latent_dim)
         self.decoder = mlp([cfg.latent_dim, h, h, d])
         self.latent_dim = cfg.latent_dim
+        if cfg.init == "burda":
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)  # U(+-sqrt(6 / (fan_in + fan_out))), for tanh units
+                    nn.init.zeros_(layer.bias)
+        elif cfg.init != "pytorch":
+            raise training.UserError(f"model01: unknown init {cfg.init!r} (pytorch or burda)")
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -74,12 +85,22 @@ class IWAE(nn.Module):
         return self.likelihood(self.prior(next(self.parameters()).device).sample((n,))).mean
 
 
+def init_output_bias(model: IWAE, train, cfg: Config):
+    """--init burda: p(x|z)'s logits start at logit(mean training pixel), clipped to [0.001, 0.999] as in the
+    paper's code, so that the first steps need not learn the background (for MNIST, most logits are about -6.9)."""
+    if cfg.init == "burda":
+        p = train.mean_image().flatten().clamp(0.001, 0.999).to(model.decoder[-1].bias)  # [784]
+        model.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
+
+
 # ----------------------------------------------------------------------------- entry point
 RUNG = training.Rung(name="model01", config_class=Config, build_model=IWAE,
                      likelihood=lambda cfg, info: "bernoulli",
                      # the batch decides the number of updates of a schedule given in epochs: a run at the paper's
                      # 20 must not publish over the batch-100 row (the default keeps the names already published)
-                     run_suffix=lambda cfg: "" if cfg.batch_size == Config.batch_size else f"_b{cfg.batch_size}")
+                     run_suffix=lambda cfg: ("" if cfg.batch_size == Config.batch_size else f"_b{cfg.batch_size}")
+                     + ("" if cfg.init == Config.init else f"_init{cfg.init}"),
+                     init_from_data=init_output_bias)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_common_args(parser, defaults)
     parser.add_argument("--hidden", type=int, default=defaults.hidden, help="units per deterministic layer")
     parser.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="stochastic units")
+    parser.add_argument("--init", default=defaults.init, choices=["pytorch", "burda"],
+                        help="pytorch: nn.Linear's default; burda: the paper's code (Glorot-uniform weights, zero "
+                             "biases, output bias at the logit of the mean training pixel)")
     return parser
 
 

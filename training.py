@@ -830,6 +830,9 @@ class Rung:
     latent_layers: callable = None  # (cfg) -> int
     quick: callable = quick_overrides  # (cfg) -> dict of overrides for --quick
     extra_metrics: callable = None  # (model, test Split, cfg) -> dict of extra result.json entries
+    # (model, train Split, cfg) -> None: initialisation that needs the training data (e.g. an output bias at the
+    # data's mean), run once on the fresh model before the EMA copy; a resumed run then loads its own weights
+    init_from_data: callable = None
     # latents per evaluation pass when --eval-chunk is 0: on CUDA as many as memory allows, on CPU passes small
     # enough for the caches (bench.py --phases eval measures both defaults)
     cuda_eval_chunk: int = 1 << 18
@@ -1306,6 +1309,9 @@ def train(rung: Rung, cfg, argv) -> int:
     random.seed(cfg.seed)
     data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
     model = prepare_model(rung.build_model(cfg, data.info), device)
+    if rung.init_from_data is not None:
+        with torch.no_grad():
+            rung.init_from_data(model, data.train, cfg)
     ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     if dist_info.rank > 0:  # then each process draws its own reparameterisation noise
         torch.manual_seed(cfg.seed + dist_info.rank)

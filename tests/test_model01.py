@@ -155,3 +155,66 @@ def test_run_name_carries_a_batch_other_than_the_default():
     import model01
     assert training.run_name(model01.RUNG, Config()) == "model01_binarized-mnist_iwae_k5_seed0"
     assert training.run_name(model01.RUNG, Config(batch_size=20)) == "model01_binarized-mnist_iwae_k5_b20_seed0"
+    assert training.run_name(model01.RUNG, Config(batch_size=20, init="burda")) == \
+        "model01_binarized-mnist_iwae_k5_b20_initburda_seed0"
+
+
+def test_mean_image_is_the_mean_of_what_training_sees():
+    """Split.mean_image is E[to_float(x)] under each pixel convention: dynamic binarization (intensity / 255 is
+    the probability of a 1), fixed {0, 1} and 8-bit."""
+    images = torch.tensor([[[[0, 255]]], [[[51, 255]]]], dtype=torch.uint8)  # [2, 1, 1, 2]
+    dynamic = data_lib.Split(images, binary=True, dynamic_binarize=True)
+    assert torch.allclose(dynamic.mean_image(), torch.tensor([[[0.1, 1.0]]]))
+    draws = torch.stack([dynamic.to_float(images, torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert torch.allclose(draws.mean((0, 1)), dynamic.mean_image(), atol=0.02)
+    fixed = data_lib.Split(torch.tensor([[[[0, 1]]], [[[1, 1]]]], dtype=torch.uint8), binary=True)
+    assert torch.equal(fixed.mean_image(), torch.tensor([[[0.5, 1.0]]]))
+    assert torch.allclose(data_lib.Split(images, binary=False).mean_image(), torch.tensor([[[0.1, 1.0]]]))
+
+
+def test_burda_init_is_the_papers_glorot_and_output_bias():
+    """--init burda: every weight U(+-sqrt(6 / (fan_in + fan_out))) (its std is that bound / sqrt(3)), every bias 0
+    but p(x|z)'s, which is logit(mean training pixel) clipped to [0.001, 0.999]; pytorch keeps nn.Linear's."""
+    import model01
+    info = data_lib.DATASETS["binarized-mnist"]
+    torch.manual_seed(0)
+    model = IWAE(Config(init="burda"), info)
+    images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    images[:2, 0, 0, :3] = torch.tensor([255, 51, 0], dtype=torch.uint8)  # means 0.5, 0.1, 0 (clipped to 0.001)
+    images[:, 0, 1, 0] = 255  # mean 1 (clipped to 0.999)
+    with torch.no_grad():
+        model01.init_output_bias(model, data_lib.Split(images, binary=True, dynamic_binarize=True), Config(init="burda"))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7  # encoder 2, the mean and log-scale heads, decoder 3
+    for layer in linears:
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5
+        assert layer.weight.abs().max() <= bound and abs(layer.weight.std() / (bound / 3 ** 0.5) - 1) < 0.05
+        if layer is not model.decoder[-1]:
+            assert torch.count_nonzero(layer.bias) == 0
+    logit = lambda p: torch.log(torch.tensor(p)) - torch.log1p(torch.tensor(-p))  # noqa: E731
+    bias = model.decoder[-1].bias.view(28, 28)
+    assert torch.allclose(bias[0, :3], torch.stack([logit(0.5), logit(0.1), logit(0.001)]), atol=1e-5)
+    assert torch.allclose(bias[1, 0], logit(0.999), atol=1e-5) and torch.allclose(bias[2:], logit(0.001), atol=1e-5)
+
+    torch.manual_seed(0)
+    default = IWAE(Config(), info)
+    with torch.no_grad():
+        model01.init_output_bias(default, None, Config())  # nothing to do, not even a look at the data
+    assert all(torch.count_nonzero(m.bias) == m.bias.numel() for m in default.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(training.UserError, match="unknown init 'glorot'"):
+        IWAE(Config(init="glorot"), info)
+
+
+def test_a_run_with_burda_init_starts_from_it(data_dir, tmp_path):
+    """The training path calls the rung's init_from_data on the fresh model: after one Adam step (each parameter
+    moves by at most about lr = 1e-3) the output bias is still logit(mean training pixel)."""
+    out = tmp_path / "burda"
+    proc = run_script("model01.py", "--quick", "--init", "burda", "--max-steps", "1", "--n-test", "20",
+                      "--eval-samples", "2", "--data-dir", data_dir, "--out-dir", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["init"] == "burda" and ckpt["run_name"].endswith("_initburda_seed0_quick")
+    train = data_lib.load_data("binarized-mnist", data_dir).train
+    p = train.mean_image().flatten().clamp(0.001, 0.999)
+    bias = ckpt["model"]["decoder.4.bias"]
+    assert (bias - (torch.log(p) - torch.log1p(-p))).abs().max() < 2e-3
