@@ -58,7 +58,6 @@ from layers import ResidualBlock, downsample, merge_samples, soft_clamp, unmerge
 
 LIKELIHOODS = ["bernoulli", "logistic-mixture"]
 LOG_SCALE_BOUND = 5.0  # latent log-scales (and the posterior's log-scale correction) stay in (-5, 5)
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: a unit is active if Var_x(E_q[u | x]) > 0.01
 ACTIVE_UNIT_SAMPLES = 10  # samples of the layers above, averaged for E_q[z_l | x] in a hierarchy
 
 
@@ -316,7 +315,7 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
     """Per stochastic layer over the images of `split`, for result.json (seeded, RNG-neutral):
 
     kl_nats       mean KL(q(z_l | x, z_<l) || p(z_l | z_<l)), analytic given draws of the layers above
-    active_units  units u with Var_x(E_q[z_l,u | x]) > ACTIVE_UNIT_THRESHOLD (Burda et al.'s count)
+    active_units  units u with Var_x(E_q[z_l,u | x]) > training.ACTIVE_UNIT_THRESHOLD (Burda et al.'s count)
     In a hierarchy E_q[z_l | x] averages the posterior mean over the layers above: it is estimated
     from S = ACTIVE_UNIT_SAMPLES draws, and the variance over images of that S-draw average is
     debiased by subtracting the mean within-image variance / S (else the draws' own noise would
@@ -348,11 +347,11 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
         variance = mean_sq_sum[i] / n - (mean_sum[i] / n) ** 2 - within_sum[i] / n / s  # [units]
         r = model.resolutions[d]
         stats.append({"layer": i + 1, "resolution": f"{r[0]}x{r[1]}", "units": int(variance.numel()),
-                      "kl_nats": kl_sum[i] / n, "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum())})
+                      "kl_nats": kl_sum[i] / n, "active_units": int((variance > training.ACTIVE_UNIT_THRESHOLD).sum())})
     return {"latent_layer_stats": stats,
             "active_units_total": sum(x["active_units"] for x in stats),
             "latent_units_total": sum(x["units"] for x in stats),
-            "active_unit_threshold": ACTIVE_UNIT_THRESHOLD, "latent_stats_samples": s,
+            "active_unit_threshold": training.ACTIVE_UNIT_THRESHOLD, "latent_stats_samples": s,
             "latent_stats_images": n}
 
 

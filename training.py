@@ -241,6 +241,9 @@ def validate_config(cfg: TrainConfig):
             raise UserError(message)
 
 
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: a latent unit u is active if Var_x(E_q[u | x]) > 0.01
+
+
 # ----------------------------------------------------------------------------- schedule & objective
 
 

@@ -39,6 +39,9 @@ def test_quick_run_writes_every_file_and_a_complete_result(quick_run):
     # 500 steps of a real model: far better than uniform pixels (784 ln 2 = 543 nats), far from converged
     assert -260 < result["test_ll_nats"] < -120 and 0 < result["test_ll_stderr"] < 5
     assert result["best_val_bound_nats"] < 0 and "--quick" in result["command"]
+    stats = result["latent_layer_stats"]  # after 500 steps some units carry information, not all 50
+    assert len(stats) == 1 and 0 < result["active_units_total"] == stats[0]["active_units"] < 50
+    assert 0 < stats[0]["kl_nats"] < 100 and result["latent_stats_images"] == 1000
     assert "test L_100 on 1000 images" in proc.stdout
     for kind in ("imgs", "recs", "samples"):
         image = Image.open(out / f"model01_{kind}.png")
@@ -218,3 +221,29 @@ def test_a_run_with_burda_init_starts_from_it(data_dir, tmp_path):
     p = train.mean_image().flatten().clamp(0.001, 0.999)
     bias = ckpt["model"]["decoder.4.bias"]
     assert (bias - (torch.log(p) - torch.log1p(-p))).abs().max() < 2e-3
+
+
+def test_latent_statistics_count_active_units_and_kl_in_closed_form():
+    """With q's mean a known function of the pixels and log-scale 0: unit 0 = pixel 0 (variance 1/4 over the
+    images: active), unit 1 = 0.1 * pixel 1 (variance 1/400 < 0.01: not), the rest 0; KL(q || N(0, I)) is then
+    half the squared mean summed over units, averaged over the images."""
+    import model01
+    torch.manual_seed(0)
+    model = IWAE(Config(), data_lib.DATASETS["binarized-mnist"])
+    model.encoder = torch.nn.Flatten()
+    model.posterior.mean = torch.nn.Linear(784, 50)
+    model.posterior.log_scale = torch.nn.Linear(784, 50)
+    for layer in (model.posterior.mean, model.posterior.log_scale):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    with torch.no_grad():
+        model.posterior.mean.weight[0, 0], model.posterior.mean.weight[1, 1] = 1.0, 0.1
+    images = torch.bernoulli(torch.full((2500, 1, 28, 28), 0.5)).to(torch.uint8)  # 3 passes of 1000, one partial
+    split = data_lib.Split(images, binary=True)
+    stats = model01.latent_statistics(model, split, Config())
+    x = images.flatten(1).double()
+    assert x[:, 0].var(unbiased=False) > 0.2 and (0.01 * x[:, 1]).var(unbiased=False) < 0.005
+    kl = 0.5 * (x[:, 0] ** 2 + 0.01 * x[:, 1] ** 2).mean().item()
+    assert stats["active_units_total"] == 1 == stats["latent_layer_stats"][0]["active_units"]
+    assert abs(stats["latent_layer_stats"][0]["kl_nats"] - kl) < 1e-5 and stats["latent_stats_images"] == 2500
+    assert model.training  # left as it was found
