@@ -187,3 +187,35 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
     assert f"{first.name}: could not start: OSError('exec format error')" in out
     assert lanes.logs == {}  # every log file closed, so every lock dropped
     assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first
+
+
+def test_curves_compare_runs_at_equal_epochs_by_their_best_validation_bound(monkeypatch, tmp_path, capsys):
+    """A batch-100 run (590 steps per epoch, finished) and a batch-20 run (2950, still training) side by side: each
+    row is the best bound validated by that epoch, a duplicated validation (a resumed segment) changes nothing,
+    and a run that has not reached an epoch shows '-'. The re-score (no log) has no column."""
+    jobs = [campaign.Job("b100", "model01.py", [], ""), campaign.Job("b20", "model01.py", [], ""),
+            campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")]
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", jobs)
+
+    def write_log(job, validations):
+        out = tmp_path / job.out_dir
+        out.mkdir(parents=True)
+        rows = [{"type": "config", "step": 0}] + [{"type": "train", "step": s, "loss": 1.0} for s, _ in validations]
+        rows += [{"type": "val", "step": s, "val_bound_nats": b} for s, b in validations]
+        (out / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return out
+
+    out = write_log(jobs[0], [(590, -100.0), (1180, -95.0), (1770, -96.0), (2360, -94.0)])
+    (out / "result.json").write_text(json.dumps({"steps": 2360, "epochs": 4.0}))
+    out = write_log(jobs[1], [(2950, -99.0), (5900, -97.0), (5900, -97.0), (8850, -93.5)])
+    import torch
+    torch.save({"step": 8850, "epochs": 3.0}, out / "ckpt.pt")
+
+    assert campaign.validation_curve(jobs[0]) == (590, [(1, -100), (2, -95), (3, -95), (4, -94)])
+    assert campaign.validation_curve(jobs[1])[1] == [(1, -99), (2, -97), (2, -97), (3, -93.5)]
+    assert campaign.validation_curve(jobs[2]) is None
+    assert campaign.main(["curves", "--every", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] == " " and line.split()[0].isdigit()]
+    assert rows == [["1", "-100.00", "-99.00"], ["2", "-95.00", "-97.00"], ["3", "-95.00", "-93.50"],
+                    ["4", "-94.00", "-"]]
