@@ -107,8 +107,8 @@ JOBS = [
          "--val-every", "5900", "--checkpoint-every", "5900", "--log-every", "1000"],
         "model01 k=5 as the first job (batch 100, 3280 epochs, 8-stage schedule, bf16 CPU steps where native) but "
         "with the paper's code's initialisation (--init burda), L_5000 on the 10k test images", bf16_where_native=True),
-    # The batch-100 run above ended at -86.02 nats, half a nat short of the paper's -85.54 with 5x fewer updates:
-    # this one is the paper's setting exactly (batch 20, 9.7M updates), float32 because at batch 20 --cpu-bf16
+    # The first model01 run (batch 100) ended at -86.02 nats, half a nat short of the paper's -85.54 with 5x fewer updates:
+    # this one has the paper's batch (20, 9.7M updates; PyTorch's default initialisation), float32 because at batch 20 --cpu-bf16
     # measured slower than float32 even on a CPU with native bf16 (results/bench_cpu_b20.json). Validation and
     # checkpoints every 10 epochs, as above.
     Job("model01_binarized-mnist_iwae_k5_b20_seed0", "model01.py",
