@@ -105,11 +105,9 @@ def latent_statistics(model: IWAE, split, cfg: Config) -> dict:
         mean_sq_sum = mean_sq_sum + (mean * mean).sum(0)
     model.train(was_training)
     variance = mean_sq_sum / n - (mean_sum / n) ** 2  # [L]: over images, of q's mean
-    active = int((variance > training.ACTIVE_UNIT_THRESHOLD).sum())
-    return {"latent_layer_stats": [{"layer": 1, "units": model.latent_dim, "kl_nats": kl_sum / n,
-                                    "active_units": active}],
-            "active_units_total": active, "latent_units_total": model.latent_dim,
-            "active_unit_threshold": training.ACTIVE_UNIT_THRESHOLD, "latent_stats_images": n}
+    layer = {"layer": 1, "units": model.latent_dim, "kl_nats": kl_sum / n,
+             "active_units": training.count_active_units(variance)}
+    return training.latent_stats_result([layer], n)
 
 
 def init_output_bias(model: IWAE, train, cfg: Config):

@@ -347,12 +347,8 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
         variance = mean_sq_sum[i] / n - (mean_sum[i] / n) ** 2 - within_sum[i] / n / s  # [units]
         r = model.resolutions[d]
         stats.append({"layer": i + 1, "resolution": f"{r[0]}x{r[1]}", "units": int(variance.numel()),
-                      "kl_nats": kl_sum[i] / n, "active_units": int((variance > training.ACTIVE_UNIT_THRESHOLD).sum())})
-    return {"latent_layer_stats": stats,
-            "active_units_total": sum(x["active_units"] for x in stats),
-            "latent_units_total": sum(x["units"] for x in stats),
-            "active_unit_threshold": training.ACTIVE_UNIT_THRESHOLD, "latent_stats_samples": s,
-            "latent_stats_images": n}
+                      "kl_nats": kl_sum[i] / n, "active_units": training.count_active_units(variance)})
+    return training.latent_stats_result(stats, n, latent_stats_samples=s)
 
 
 # ----------------------------------------------------------------------------- entry point

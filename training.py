@@ -244,6 +244,18 @@ def validate_config(cfg: TrainConfig):
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: a latent unit u is active if Var_x(E_q[u | x]) > 0.01
 
 
+def count_active_units(variance: torch.Tensor) -> int:
+    """Burda et al.'s count: units whose posterior mean varies over the images by more than ACTIVE_UNIT_THRESHOLD."""
+    return int((variance > ACTIVE_UNIT_THRESHOLD).sum())
+
+
+def latent_stats_result(layers: list[dict], n_images: int, **extra) -> dict:
+    """result.json's latent statistics (a rung's extra_metrics) from per-layer {"units", "kl_nats", "active_units"}."""
+    return {"latent_layer_stats": layers, "active_units_total": sum(x["active_units"] for x in layers),
+            "latent_units_total": sum(x["units"] for x in layers), "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
+            **extra, "latent_stats_images": n_images}
+
+
 # ----------------------------------------------------------------------------- schedule & objective
 
 
