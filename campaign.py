@@ -182,6 +182,13 @@ def _total_steps(ckpt: dict) -> int:
     return cfg["epochs"] * per_epoch
 
 
+def machine_description() -> str:
+    """The machine a session ran on, read from it rather than typed into --note: cores and the CPU's model name and
+    vector unit (training.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
+    from training import cpu_description  # (torch's start-up only when a record is written)
+    return f"{os.cpu_count()} cores, {cpu_description()}"
+
+
 def print_status(record: bool = False, note: str = ""):
     """Print every job's status; `record`: also append it to campaign/sessions.jsonl (the per-session report)."""
     statuses = [job_status(job) for job in JOBS]
@@ -190,8 +197,8 @@ def print_status(record: bool = False, note: str = ""):
     if record:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True).stdout.strip()
-        entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit, "note": note,
-                 "jobs": statuses}
+        entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
+                 "machine": machine_description(), "note": note, "jobs": statuses}
         path = REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
@@ -208,7 +215,8 @@ def print_history(path: Path | None = None):
         return
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        print(f"{entry['date']}  commit {entry['git_commit']}" + (f"  {entry['note']}" if entry.get("note") else ""))
+        print(f"{entry['date']}  commit {entry['git_commit']}" + (f"  [{entry['machine']}]" if "machine" in entry else "")
+              + (f"  {entry['note']}" if entry.get("note") else ""))
         for job in entry["jobs"]:
             if job["state"] != "not started":
                 print(f"    {job['job']}: {job['state']}" + (f" -- {job['detail']}" if "detail" in job else ""))
@@ -389,7 +397,7 @@ def main(argv=None) -> int:
     run.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="jobs at once, 1 thread each (default: cores)")
     run.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
-    run.add_argument("--note", default="", help="a note for this session's record in sessions.jsonl (e.g. the machine)")
+    run.add_argument("--note", default="", help="a note for this session's record in sessions.jsonl (the record names the machine itself)")
     sub.add_parser("history", help="print every session's record of campaign/sessions.jsonl")
     curves = sub.add_parser("curves", help="every training job's best validation bound by epoch, side by side")
     curves.add_argument("--every", type=float, default=100, help="epochs between rows (default 100)")

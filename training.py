@@ -347,6 +347,11 @@ def resolve_device(flag: str, dist_info: DistInfo) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"CPU ({cpu_description()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and vector unit, e.g. "AMD EPYC, AVX2" or "AMD EPYC, AVX512 with native bf16"."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -360,7 +365,7 @@ def device_name(device: torch.device) -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     if cpu_has_native_bf16():
         capability += " with native bf16"
-    return f"CPU ({cpu}, {capability}, {torch.get_num_threads()} threads)"
+    return f"{cpu}, {capability}"
 
 
 def git_commit() -> str:

@@ -1,9 +1,11 @@
 """campaign.py: every job is a valid command of its script, and `status` reads what segmented runs leave behind."""
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import campaign
 import training
@@ -94,6 +96,8 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     campaign.print_status(record=True, note="test")
     entry = json.loads((tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()[-1])
     assert entry["note"] == "test" and entry["jobs"] == [status]
+    assert entry["machine"] == f"{os.cpu_count()} cores, {training.cpu_description()}"
+    assert training.device_name(torch.device("cpu")).startswith(f"CPU ({training.cpu_description()}, ")
 
 
 def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
