@@ -9,7 +9,7 @@ exiting 75; the next session runs the same command and continues bit for bit (te
 A job that finishes publishes its result (--publish), and README's tables are regenerated.
 
     python campaign.py status                  # every job: steps, validation bound, test progress, result
-    python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does this)
+    python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does, at start and end)
     python campaign.py run --minutes 150       # the jobs in order on --lanes 2 processes of 1 thread each
     python campaign.py command JOB             # one job's command line, to run or inspect by hand
     python campaign.py history                 # the per-session report: every record of sessions.jsonl
@@ -199,8 +199,9 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores, {cpu_description()}"
 
 
-def print_status(record: bool = False, note: str = ""):
-    """Print every job's status; `record`: also append it to campaign/sessions.jsonl (the per-session report)."""
+def print_status(record: bool = False, note: str = "", at: str | None = None):
+    """Print every job's status; `record`: also append it to campaign/sessions.jsonl (the per-session report),
+    with `at` = "start" or "end" when `run` writes it (a record by hand has none)."""
     statuses = [job_status(job) for job in JOBS]
     for s in statuses:
         print(f"{s['job']}: {s['state']}" + (f" -- {s['detail']}" if "detail" in s else ""))
@@ -208,7 +209,7 @@ def print_status(record: bool = False, note: str = ""):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True).stdout.strip()
         entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
-                 "machine": machine_description(), "note": note, "jobs": statuses}
+                 "machine": machine_description(), **({"at": at} if at else {}), "note": note, "jobs": statuses}
         path = REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
@@ -226,7 +227,7 @@ def print_history(path: Path | None = None):
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         print(f"{entry['date']}  commit {entry['git_commit']}" + (f"  [{entry['machine']}]" if "machine" in entry else "")
-              + (f"  {entry['note']}" if entry.get("note") else ""))
+              + (f"  ({entry['at']} of the run)" if "at" in entry else "") + (f"  {entry['note']}" if entry.get("note") else ""))
         for job in entry["jobs"]:
             if job["state"] != "not started":
                 print(f"    {job['job']}: {job['state']}" + (f" -- {job['detail']}" if "detail" in job else ""))
@@ -382,6 +383,11 @@ class Lanes:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, forward)
+        note = f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}" + (f": {self.note}" if self.note else "")
+        # a record at the start too: a session cut off before its end (its process killed with it) still leaves
+        # its command, commit and machine in the working tree, and the next session's start record its progress
+        print_status(record=True, note=note, at="start")
+        print()
         threads = [threading.Thread(target=self.lane, args=(i,)) for i in range(self.lanes)]
         for t in threads:
             t.start()
@@ -390,8 +396,7 @@ class Lanes:
         if self.finished:
             subprocess.run([sys.executable, "compare.py", "--update-readme"], cwd=REPO_ROOT, check=False)
         print()
-        note = f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}" + (f": {self.note}" if self.note else "")
-        print_status(record=True, note=note)
+        print_status(record=True, note=note, at="end")
         print(f"\nnow commit the state: git add {CAMPAIGN_DIR} results assets checkpoints README.md && git commit")
         return 1 if self.failed else 0
 

@@ -126,14 +126,18 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     published = json.loads((tmp_path / "results" / f"{job.name}.json").read_text())
     assert "--segment-minutes" in published["command"] and published["steps"] == 40
     sessions = [json.loads(line) for line in (tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()]
-    assert [s["jobs"][0]["state"] for s in sessions] == ["training", "finished"]
-    assert sessions[0]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
+    # each run records its start and its end: a session cut off mid-run still leaves its start record
+    assert [(s["at"], s["jobs"][0]["state"]) for s in sessions] == [
+        ("start", "not started"), ("end", "training"), ("start", "training"), ("end", "finished")]
+    assert sessions[0]["note"] == sessions[1]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
     capsys.readouterr()
     campaign.print_history()
     report = capsys.readouterr().out.splitlines()
-    assert len(report) == 4 and report[0].endswith("--lanes 2: first machine") and "commit" in report[0]
-    assert report[1].startswith(f"    {job.name}: training -- step ") and "best validation bound" in report[1]
-    assert report[3].startswith(f"    {job.name}: finished -- test L_5 = ")
+    assert len(report) == 7 and report[0].endswith("(start of the run)  campaign.py run --minutes 5 --lanes 2: first machine")
+    assert report[1].endswith("(end of the run)  campaign.py run --minutes 5 --lanes 2: first machine") and "commit" in report[1]
+    assert report[2].startswith(f"    {job.name}: training -- step ") and "best validation bound" in report[2]
+    assert report[4].startswith(f"    {job.name}: training -- step ")
+    assert report[6].startswith(f"    {job.name}: finished -- test L_5 = ")
 
 
 def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path, capsys):
