@@ -110,8 +110,8 @@ JOBS = [
     # Neither the batch-100 runs nor the batch-20 run below has the whole recipe of the two reproductions of the
     # paper's k=5 number (yburda/iwae, and nbip/IWAE's -85.50): batch 20 *and* their initialisation. This one has
     # both; it is the batch-20 run below with --init burda (same seed, schedule and precision: a paired comparison
-    # of the init at batch 20, as the batch-100 pair is at batch 100). About 13 hours of one thread at the batch-20
-    # run's speed on the CPU with native bf16 (about 4000 images/s), more on the AVX2-only ones. It was queued last
+    # of the init at batch 20, as the batch-100 pair is at batch 100). About 16 hours of one thread at the speed
+    # its first segment had on the CPU with native bf16 (about 168 steps/s), more on the AVX2-only ones. It was queued last
     # and moved before the batch-20 run's remaining epochs on 2026-12-06: by epoch 1200 the batch-20 run was 0.09
     # nats ahead of the batch-100 run and --init burda 0.19 (`python campaign.py curves`), so the two together are
     # the campaign's one chance at the paper's number; the batch-20 run is their pair and runs after (or beside) it.
