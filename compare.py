@@ -5,9 +5,13 @@
     python compare.py --dataset binarized-mnist
     python compare.py --update-readme          # rewrite README's generated blocks from results/
     python compare.py --check                  # exit 1 with a diff when README disagrees with results/ (CI)
+    python compare.py --paired                 # rows scored on the same test images, compared image by image
 
 The numbers come from results/*.json, one file per published number, each written by
-`python modelNN.py ... --publish` (bench_*.json files are benchmarks and are skipped). A --quick run is
+`python modelNN.py ... --publish` (bench_*.json files are benchmarks and are skipped). A result evaluated since
+per-image values are kept names results/per_image/<run name>.npy (every test image's L_S, checked by sha256):
+two such rows on the same data set, test images and S differ by mean(a_i - b_i), and the standard error of
+that mean (the paired one) leaves out the spread between images that both rows share. A --quick run is
 never a published number: the terminal table flags it, and everything written for the README refuses it.
 
 README holds generated blocks between marker comments; everything between a pair is overwritten, so
@@ -17,6 +21,7 @@ write prose outside them:
     <!-- figures:MODEL:start --> ... <!-- figures:MODEL:end -->    one rung's figure rows (from assets/)
     <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
     <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
+    <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
 --check also fails when README shows an image that does not exist.
 
 Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
@@ -26,6 +31,8 @@ import argparse
 import ast
 import datetime
 import difflib
+import hashlib
+import io
 import json
 import math
 import os
@@ -39,7 +46,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -90,6 +97,75 @@ def load_results(results_dir: Path, must_exist: bool) -> list[dict]:
         results.append({**record, "_path": path})
     return sorted(results, key=lambda r: (r["model"], r["dataset"], r["latent_layers"], r["objective"],
                                           r["importance_samples"], r["run_name"]))
+
+
+def load_per_image(r: dict):
+    """The row's per-image test log-likelihoods (numpy float64, test-set order), or None when it has none."""
+    rel = r.get("test_ll_per_image")
+    if not rel:
+        return None
+    import numpy as np  # (only here: the tables need no numpy)
+
+    path = r["_path"].parent / rel
+    if not path.is_file():
+        raise CompareError(f"{r['_path']} names per-image values {rel}, which do not exist ({path}). Restore the "
+                           f"file from git (it is published with the result) or publish the run again.")
+    payload = path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != r.get("test_ll_per_image_sha256"):
+        raise CompareError(f"{path} is not the file {r['_path'].name} was published with (its sha256 differs). "
+                           f"Restore it from git or publish the run again.")
+    values = np.load(io.BytesIO(payload), allow_pickle=False)
+    if values.shape != (r["n_test"],) or abs(float(values.mean()) - r["test_ll_nats"]) > 1e-6 * abs(r["test_ll_nats"]):
+        raise CompareError(f"{path} holds {values.shape} values with mean {float(values.mean()):.6f}, not the "
+                           f"{r['n_test']} test images of {r['_path'].name} with mean {r['test_ll_nats']:.6f}.")
+    return values
+
+
+def paired_comparisons(results: list[dict], model: str | None = None) -> list[dict]:
+    """Every two rows (of `model`, or all) on the same data set, test images and S that both have per-image
+    values: L(a) - L(b) with its paired standard error, and the unpaired one it replaces."""
+    import numpy as np
+
+    rows = [(r, v) for r in results if model is None or r["model"] == model
+            for v in [load_per_image(r)] if v is not None]
+    pairs = []
+    for i, (a, va) in enumerate(rows):
+        for b, vb in rows[i + 1:]:
+            if (a["dataset"], a["n_test"], a["eval_samples"]) != (b["dataset"], b["n_test"], b["eval_samples"]):
+                continue
+            diff = va - vb  # [n_test] per image, nats
+            pairs.append({"a": a, "b": b, "diff_nats": float(diff.mean()),
+                          "paired_stderr": float(diff.std(ddof=1) / math.sqrt(diff.size)),
+                          "unpaired_stderr": math.hypot(a["test_ll_stderr"], b["test_ll_stderr"]),
+                          "a_higher_fraction": float((diff > 0).mean())})
+    return pairs
+
+
+PAIRED_COLUMNS = ["data set", "row a", "row b", "L(a) - L(b) (nats)", "paired SE", "unpaired SE",
+                  "images where a is higher", "test images, S"]
+
+
+def _paired_cells(p: dict) -> list[str]:
+    a, b = p["a"], p["b"]
+    return [a["dataset"], a["run_name"], b["run_name"], f"{p['diff_nats']:+.2f}", f"{p['paired_stderr']:.3f}",
+            f"{p['unpaired_stderr']:.2f}", f"{100 * p['a_higher_fraction']:.1f}%",
+            f"{a['n_test']:,}, {a['eval_samples']:,}"]
+
+
+def paired_block(results: list[dict], model: str, link_base: Path) -> str:
+    pairs = paired_comparisons(results, model)
+    if not pairs:
+        return (f"_No two {model} rows on the same test images have per-image log-likelihoods yet "
+                f"(`results/per_image/`, written by evaluations since they are kept)._")
+    lines = ["| " + " | ".join(_md(h) for h in PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
+    for p in pairs:
+        cells = [_md(c) for c in _paired_cells(p)]
+        cells[1] = f"[{cells[1]}]({_relative(p['a']['_path'], link_base)})"
+        cells[2] = f"[{cells[2]}]({_relative(p['b']['_path'], link_base)})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\n_Generated by `python compare.py --update-readme` from `results/per_image/`: "
+                               "the paired SE is the standard error of the mean of L(a) - L(b) over the same test "
+                               "images; the unpaired one, sqrt(SE_a^2 + SE_b^2), ignores that they are the same._")
 
 
 def refuse_quick(results: list[dict]):
@@ -402,8 +478,10 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             elif kind == "bench-eval":
                 block = eval_bench_block(benches, link_base)
             elif model is None:
-                raise CompareError(f"README {where(open_marker)}: a figures block needs a model, e.g. "
-                                   f"<!-- figures:model01:start -->.")
+                raise CompareError(f"README {where(open_marker)}: a {kind} block needs a model, e.g. "
+                                   f"<!-- {kind}:model01:start -->.")
+            elif kind == "paired":
+                block = paired_block(results, model, link_base)
             else:
                 block = figures_block(results, model, assets_dir, link_base)
             out.append("\n" + block + "\n")
@@ -466,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--markdown", action="store_true", help="print the table in README (markdown) form")
     mode.add_argument("--update-readme", action="store_true",
                       help="rewrite README's generated blocks (between <!-- results...:start/end --> markers)")
+    mode.add_argument("--paired", action="store_true",
+                      help="print every two rows on the same test images compared image by image (paired SE)")
     mode.add_argument("--check", action="store_true",
                       help="exit 1 with a diff when README's generated blocks differ from what results/ say, "
                            "or README shows a missing image")
@@ -489,10 +569,18 @@ def main(argv: list[str] | None = None) -> int:
         assets_dir = args.assets_dir or REPO_ROOT / "assets"
         if args.dataset:
             results = [r for r in results if r["dataset"] == args.dataset]
-        if not (args.markdown or args.update_readme or args.check):
+        if not (args.markdown or args.update_readme or args.check or args.paired):
             print(terminal_table(results, args.dataset))
             return 0
         refuse_quick(results)
+        if args.paired:  # (a --quick row is refused above)
+            pairs = paired_comparisons(results)
+            if not pairs:
+                print("no two published rows on the same test images have per-image log-likelihoods "
+                      "(results/per_image/)")
+            for p in pairs:
+                print("  ".join(f"{h}: {c}" for h, c in zip(PAIRED_COLUMNS, _paired_cells(p))))
+            return 0
         if args.markdown:
             print(results_block(results, None, args.readme.parent) if results or not args.dataset
                   else f"_No published results on {args.dataset}._")

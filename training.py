@@ -658,6 +658,18 @@ def gather_per_image(values: torch.Tensor, dist_info: DistInfo, device) -> torch
     return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)]).cpu()
 
 
+def in_split_order(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Per-image values gathered from `shard`ed splits (process 0's images, then process 1's, ...) back in the
+    split's own order: process r holds images r, r + world_size, r + 2 * world_size, ..."""
+    if world_size == 1:
+        return values
+    n = values.numel()
+    held = torch.cat([torch.arange(n)[rank::world_size] for rank in range(world_size)])  # [n] image index per value
+    ordered = torch.empty_like(values)
+    ordered[held] = values
+    return ordered
+
+
 def shard(split: data_lib.Split, dist_info: DistInfo) -> data_lib.Split:
     if not dist_info.enabled:
         return split
@@ -1115,6 +1127,20 @@ def publish_result(result_path: Path, published: Path):
     atomic_write_json(published, record)
 
 
+def _publish_per_image(result_path: Path, published: Path):
+    """results/per_image/<run name>.npy beside results/<run name>.json, named (relative to results/) in it. A result
+    without per-image values (evaluated before they were kept) leaves no stale file behind for the new one."""
+    record = json.loads(published.read_text())
+    target = published.parent / "per_image" / f"{published.stem}.npy"
+    if not record.get("test_ll_per_image"):
+        target.unlink(missing_ok=True)
+        return
+    target.parent.mkdir(exist_ok=True)
+    atomic_copy(result_path.parent / record["test_ll_per_image"], target)
+    record["test_ll_per_image"] = target.relative_to(published.parent).as_posix()
+    atomic_write_json(published, record)
+
+
 def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], name: str,
              checkpoint_path: Path | None = None):
     results = REPO_ROOT / "results"
@@ -1122,6 +1148,7 @@ def _publish(rung, cfg, out_dir: Path, result_path: Path, figures: list[Path], n
     _publish_figures(cfg, figures)
     published = results / f"{name}.json"
     publish_result(result_path, published)
+    _publish_per_image(result_path, published)
     print(f"published {published.relative_to(REPO_ROOT)} and {len(figures)} figures in assets/")
     if checkpoint_path is not None:
         _publish_checkpoint(checkpoint_path, name, rung.name)
@@ -1151,6 +1178,19 @@ def _load_eval_state(path: Path, identity: dict) -> dict | None:
         raise UserError(f"partial test evaluation {path} belongs to other weights or settings ({'; '.join(diffs)}). "
                         f"Use the flags it was started with, or delete it to start the test evaluation over.")
     return state
+
+
+# Every test image's L_S (float64 nats, test-set order) beside result.json: two rows scored on the same images
+# compare with a paired standard error (compare.py's paired blocks), far smaller than either row's own.
+PER_IMAGE_FILE = "test_ll_nats.npy"
+
+
+def save_per_image(ll: torch.Tensor, path: Path) -> dict:
+    """Write the per-image test log-likelihoods as .npy; returns the result.json fields that name them."""
+    buffer = io.BytesIO()
+    np.save(buffer, ll.detach().cpu().double().numpy())
+    atomic_write_bytes(path, buffer.getvalue())
+    return {"test_ll_per_image": path.name, "test_ll_per_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
 
 
 def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, argv, extra, t_start, commit,
@@ -1201,7 +1241,9 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
     if not dist_info.is_main:
         state_path.unlink(missing_ok=True)
         return None
+    ll = in_split_order(ll, dist_info.world_size)
     summary = summarize(ll, data.info.num_dims, data.info.binary)
+    per_image = save_per_image(ll, out_dir / PER_IMAGE_FILE)
     prefix = rung.figure_prefix(cfg) if rung.figure_prefix else rung.name
     figures = save_figures(model, test, out_dir, prefix, seed=cfg.seed)
     if rung.extra_metrics is not None:  # the rung's own analysis of the same test images
@@ -1210,7 +1252,7 @@ def _final_evaluation(rung, cfg, model, data, dist_info, device, out_dir, name, 
                             {**extra, "eval_time_s": round(eval_time, 1), "eval_segments": segments + 1,
                              # [{from_image, device, git_commit}] per invocation (process 0's images under torchrun)
                              "eval_segment_log": segment_log,
-                             "eval_chunk": identity["eval_chunk"], "figure_prefix": prefix}, device,
+                             "eval_chunk": identity["eval_chunk"], "figure_prefix": prefix, **per_image}, device,
                             time.time() - t_start, argv, commit)
     result_path = out_dir / "result.json"
     atomic_write_json(result_path, result)

@@ -4,10 +4,13 @@ One real (tiny, not --quick) model01 run on MNIST, published into a copy of the 
 results/, assets/, checkpoints/) in a temp dir, provides the result file, figures and weights-only
 checkpoint the tests work on; the real repo is only read.
 """
+import hashlib
+import io
 import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 import compare
@@ -249,3 +252,66 @@ def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
     assert compare._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
     assert compare._earlier_commands({"run_name": "x", "command": "y"}) == ""
+
+
+def _publish_twin(results, result, name, values):
+    """A second published row on the same test images with the given per-image values (nats)."""
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    (results / "per_image" / f"{name}.npy").write_bytes(buffer.getvalue())
+    twin = {**result, "run_name": name, "test_ll_nats": float(values.mean()),
+            "test_ll_stderr": float(values.std(ddof=1) / np.sqrt(values.size)),
+            "test_ll_per_image": f"per_image/{name}.npy",
+            "test_ll_per_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    (results / f"{name}.json").write_text(json.dumps(twin))
+
+
+def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path, capsys):
+    result = published["result"]
+    # the published run's per-image values: every test image's L_S, in test-set order, averaging to the row
+    assert result["test_ll_per_image"] == "per_image/model01_binarized-mnist_iwae_k5_seed4242.npy"
+    values = np.load(published["repo"] / "results" / result["test_ll_per_image"])
+    assert values.shape == (100,) and values.dtype == np.float64
+    assert values.mean() == pytest.approx(result["test_ll_nats"], rel=1e-12)
+    assert values.std(ddof=1) / 10 == pytest.approx(result["test_ll_stderr"], rel=1e-9)
+
+    results = tmp_path / "results"
+    shutil.copytree(published["repo"] / "results", results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n\n<!-- paired:model01:start -->\n<!-- paired:model01:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", published["repo"] / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    assert "_No two model01 rows on the same test images have per-image log-likelihoods yet" in readme.read_text()
+
+    # every image exactly half a nat lower, alternately +-0.2 nats around that: L(a) - L(b) = 0.5 nats, and the
+    # differences' sample std is 0.2 * sqrt(n / (n - 1)), so the paired SE is 0.2 / sqrt(n - 1) = 0.0201 nats
+    # while the unpaired one is sqrt(2) times the row's own standard error
+    shift = 0.5 + 0.2 * np.where(np.arange(100) % 2 == 0, 1.0, -1.0)
+    _publish_twin(results, result, "model01_binarized-mnist_iwae_k5_seed4243", values - shift)
+    (pair,) = [p for p in compare.paired_comparisons(compare.load_results(results, True), "model01")
+               if p["a"]["run_name"].endswith("seed4242")]
+    assert pair["b"]["run_name"].endswith("seed4243")
+    assert pair["diff_nats"] == pytest.approx(0.5, abs=1e-12)
+    assert pair["paired_stderr"] == pytest.approx(0.2 / np.sqrt(99), rel=1e-9)
+    assert pair["a_higher_fraction"] == 1.0
+    twin_stderr = (values - shift).std(ddof=1) / 10
+    assert pair["unpaired_stderr"] == pytest.approx(np.hypot(result["test_ll_stderr"], twin_stderr), rel=1e-9)
+
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    text = readme.read_text()
+    (row,) = [line for line in text.splitlines() if "seed4243" in line]
+    assert "| +0.50 | 0.020 |" in row and "| 100.0% | 100, 10 |" in row
+    assert "(results/model01_binarized-mnist_iwae_k5_seed4242.json)" in row
+    assert _compare(capsys, "--check", *paths)[0] == 0
+    code, out = _compare(capsys, "--paired", "--results-dir", results)
+    assert code == 0 and "L(a) - L(b) (nats): +0.50  paired SE: 0.020" in out
+
+    # a per-image file that is not the one the row was published with, or none at all, is refused by name
+    npy = results / "per_image" / "model01_binarized-mnist_iwae_k5_seed4243.npy"
+    npy.write_bytes(npy.read_bytes()[:-8] + np.float64(0.0).tobytes())
+    for mode in ("--check", "--update-readme", "--paired"):
+        code, out = _compare(capsys, mode, *(paths if mode != "--paired" else paths[2:4]))
+        assert code == 2 and "sha256 differs" in out and npy.name in out, (mode, out)
+    npy.unlink()
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 2 and "do not exist" in out and npy.name in out

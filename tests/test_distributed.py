@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,8 +92,8 @@ TRAIN_FLAGS = ["--dataset", "mnist", "--device", "cpu", "--max-steps", "6", "--b
                "--lr-schedule", "constant", "--log-every", "2", "--checkpoint-every", "3", "--val-every", "3",
                "--val-samples", "2", "--eval-samples", "3", "--n-test", "31", "--ema-decay", "0.5"]
 NAN_STEP = "3"  # step index whose loss is NaN (on process 1 only under torchrun; in the whole batch otherwise)
-EXPECTED_FILES = {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json", "tiny_imgs.png", "tiny_recs.png",
-                  "tiny_samples.png"}
+EXPECTED_FILES = {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json", "test_ll_nats.npy", "tiny_imgs.png",
+                  "tiny_recs.png", "tiny_samples.png"}
 
 
 def torchrun(script, *args, env=None, timeout=300):
@@ -158,6 +159,12 @@ def test_two_processes_train_what_one_process_trains(tmp_path, data_dir):
     assert result_a["n_test"] == result_b["n_test"] == 31
     assert result_b["test_ll_nats"] == pytest.approx(result_a["test_ll_nats"], rel=1e-5)
     assert result_b["test_ll_stderr"] == pytest.approx(result_a["test_ll_stderr"], rel=1e-4)
+    # image by image, in test-set order: process r evaluated images r, r + 2, ...; gathered, they are put back
+    per_image_a, per_image_b = (np.load(d / r["test_ll_per_image"])
+                                for d, r in ((single, result_a), (double, result_b)))
+    assert per_image_a.shape == per_image_b.shape == (31,)
+    np.testing.assert_allclose(per_image_b, per_image_a, rtol=1e-5)
+    assert per_image_a.mean() == pytest.approx(result_a["test_ll_nats"], rel=1e-12)
 
     # only process 0 wrote, each record once
     assert not (record_dir / "writes_rank1.txt").exists(), (record_dir / "writes_rank1.txt").read_text()
@@ -184,7 +191,7 @@ def test_model01_under_torchrun(tmp_path, data_dir):
     for kind, count in (("config", 1), ("train", 2), ("val", 1), ("done", 1), ("test", 1)):
         assert len(records(out, kind)) == count, kind
     assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json",
-                                              "model01_imgs.png", "model01_recs.png", "model01_samples.png"}
+                                              "test_ll_nats.npy", "model01_imgs.png", "model01_recs.png", "model01_samples.png"}
     assert proc.stdout.count("test L_5 on 10 images") == 1
 
 
@@ -273,3 +280,13 @@ def test_run_script_leaves_a_torchrun_worker_through_os_exit_with_mains_status(m
     with pytest.raises(SystemExit) as exited:
         training.run_script(None, None)
     assert exited.value.code == 4 and len(statuses) == 4
+
+
+@pytest.mark.parametrize("n, world_size", [(10, 3), (31, 2), (5, 1), (2, 4)])
+def test_gathered_per_image_values_go_back_to_test_set_order(n, world_size):
+    images = torch.arange(n, dtype=torch.float64)  # each image's value is its index
+    split = training.data_lib.Split(images, True, False)
+    shards = [training.shard(split, training.DistInfo(rank, world_size, rank)).images
+              for rank in range(world_size)]
+    gathered = torch.cat(shards)  # what gather_per_image returns: process 0's values, then process 1's, ...
+    assert torch.equal(training.in_split_order(gathered, world_size), images)

@@ -10,7 +10,7 @@ import training
 from conftest import run_script
 from model01 import IWAE, Config
 
-FILES = ["config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json",
+FILES = ["config.json", "log.jsonl", "ckpt.pt", "best.pt", "result.json", "test_ll_nats.npy",
          "model01_imgs.png", "model01_recs.png", "model01_samples.png"]
 RESULT_KEYS = ["model", "dataset", "likelihood", "importance_samples", "objective", "eval_samples", "n_test",
                "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "epochs", "wall_time_s", "device",

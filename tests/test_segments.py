@@ -43,6 +43,9 @@ def test_chained_segments_match_an_uninterrupted_run(in_process, monkeypatch, da
 
     got, want = (json.loads((d / "result.json").read_text()) for d in (out, reference))
     assert got["test_ll_nats"] == want["test_ll_nats"] and got["test_ll_stderr"] == want["test_ll_stderr"]
+    # every image's bound, not only their mean: the file is byte-identical (hence also its sha256 in result.json)
+    assert (out / got["test_ll_per_image"]).read_bytes() == (reference / want["test_ll_per_image"]).read_bytes()
+    assert got["test_ll_per_image_sha256"] == want["test_ll_per_image_sha256"]
     assert (got["eval_segments"], want["eval_segments"]) == (5, 1)
     # where each evaluating invocation started: at 0 and after each pass of 10 images, on this machine
     assert [seg["from_image"] for seg in got["eval_segment_log"]] == [0, 10, 20, 30, 40]
