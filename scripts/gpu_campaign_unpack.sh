@@ -24,6 +24,8 @@
 #   bench_<gpu>.json                       kept
 #   re-score (has "evaluated_checkpoint")  kept when it is new, or its evaluation is at least as large as the
 #                                          current file's (eval_samples and n_test both >=); never its checkpoint
+#   either, when kept                      with its per-image values (results/per_image/<run>.npy); a result
+#                                          whose per-image file is missing from the pack is skipped
 #   training run                           kept (with checkpoints/<run>.pt and its assets/ figures) when new, or
 #                                          when its evaluation is at least as large and its test_ll_nats higher
 #   a --quick result                       never
@@ -143,10 +145,15 @@ for rel in sorted(changed):
         keep, why = True, "keep: better"
     else:
         keep, why = False, "skip: not better than the current run (--force keeps it)"
+    per_image = new.get("test_ll_per_image")  # results/per_image/<run>.npy, named relative to results/
+    if keep and per_image and not (src.parent / per_image).is_file():
+        keep, why = False, f"skip: its per-image values results/{per_image} are not in the pack"
     print(f"{rel:58} {fmt(old):34} {fmt(new):34} {why}")
     if not keep:
         continue
     copies.append((src, repo / rel))
+    if per_image:  # compare.py checks the file against the sha256 in the result
+        copies.append((src.parent / per_image, repo / "results" / per_image))
     run = new.get("run_name", Path(rel).stem)
     if not rescore:
         ck = pub / "checkpoints" / f"{run}.pt"

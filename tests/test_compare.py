@@ -275,8 +275,10 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     assert values.mean() == pytest.approx(result["test_ll_nats"], rel=1e-12)
     assert values.std(ddof=1) / 10 == pytest.approx(result["test_ll_stderr"], rel=1e-9)
 
-    results = tmp_path / "results"
-    shutil.copytree(published["repo"] / "results", results)
+    results = tmp_path / "results"  # this row alone (the repo's own rows may hold pairs of their own)
+    (results / "per_image").mkdir(parents=True)
+    shutil.copy(published["result_path"], results)
+    shutil.copy(published["repo"] / "results" / result["test_ll_per_image"], results / "per_image")
     readme = tmp_path / "README.md"
     readme.write_text("# r\n\n<!-- paired:model01:start -->\n<!-- paired:model01:end -->\n")
     paths = ["--readme", readme, "--results-dir", results, "--assets-dir", published["repo"] / "assets"]
@@ -288,9 +290,8 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     # while the unpaired one is sqrt(2) times the row's own standard error
     shift = 0.5 + 0.2 * np.where(np.arange(100) % 2 == 0, 1.0, -1.0)
     _publish_twin(results, result, "model01_binarized-mnist_iwae_k5_seed4243", values - shift)
-    (pair,) = [p for p in compare.paired_comparisons(compare.load_results(results, True), "model01")
-               if p["a"]["run_name"].endswith("seed4242")]
-    assert pair["b"]["run_name"].endswith("seed4243")
+    (pair,) = compare.paired_comparisons(compare.load_results(results, True), "model01")
+    assert pair["a"]["run_name"].endswith("seed4242") and pair["b"]["run_name"].endswith("seed4243")
     assert pair["diff_nats"] == pytest.approx(0.5, abs=1e-12)
     assert pair["paired_stderr"] == pytest.approx(0.2 / np.sqrt(99), rel=1e-9)
     assert pair["a_higher_fraction"] == 1.0

@@ -89,3 +89,37 @@ def test_unpack_stamps_the_campaign_commit_over_the_devices_stale_git(tmp_path):
     assert got["test_ll_nats"] == -2386.0
     assert got["git_commit"] == sent and got["device_git_commit"] == stale
     assert [s["git_commit"] for s in got["eval_segment_log"]] == ["cpu-commit", sent]
+
+
+def test_unpack_brings_each_kept_result_with_its_per_image_values(tmp_path):
+    """A result that names results/per_image/<run>.npy comes with that file (compare.py checks it by sha256);
+    one whose file the pack lacks is skipped, so that README never names a missing file."""
+    import json
+    import tarfile
+
+    repo, pub, files = tmp_path / "repo", tmp_path / "pub", tmp_path / "files"
+    for d in ("results", "assets", "checkpoints"):
+        (repo / d).mkdir(parents=True)
+    (pub / "results" / "per_image").mkdir(parents=True)
+    files.mkdir()
+    names = ("model03_fashion-mnist_iwae_k5_seed0", "model02_fashion-mnist_iwae_k5_seed0")
+    for name in names:
+        (pub / "results" / f"{name}.json").write_text(json.dumps(
+            {"run_name": name, "model": name[:7], "dataset": "fashion-mnist", "eval_samples": 5000, "n_test": 2,
+             "test_ll_nats": -1900.0, "device_type": "cuda", "evaluated_checkpoint": f"checkpoints/{name}.pt",
+             "test_ll_per_image": f"per_image/{name}.npy", "test_ll_per_image_sha256": "x"}))
+    (pub / "results" / "per_image" / f"{names[0]}.npy").write_bytes(b"per-image values")  # names[1]'s is missing
+    (pub / "gpu_campaign_manifest.txt").write_text(
+        "gpu_campaign publish manifest\nmode=gpu\n# changed or new (md5  path, relative to the repo root)\n"
+        + "".join(f"abc  results/{name}.json\n" for name in names) + f"abc  results/per_image/{names[0]}.npy\n")
+    with tarfile.open(files / "publish.tar.gz", "w:gz") as tar:
+        tar.add(pub / "results", arcname="results")
+        tar.add(pub / "gpu_campaign_manifest.txt", arcname="gpu_campaign_manifest.txt")
+    proc = subprocess.run(["bash", "scripts/gpu_campaign_unpack.sh", str(files), "--repo", str(repo), "--apply",
+                           "--no-readme", "--stage", str(tmp_path / "stage")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "results" / "per_image" / f"{names[0]}.npy").read_bytes() == b"per-image values"
+    assert (repo / "results" / f"{names[0]}.json").is_file()
+    assert not (repo / "results" / f"{names[1]}.json").exists()
+    assert f"skip: its per-image values results/per_image/{names[1]}.npy are not in the pack" in proc.stdout
