@@ -11,6 +11,7 @@ A job that finishes publishes its result (--publish), and README's tables are re
     python campaign.py status                  # every job: steps, validation bound, test progress, result
     python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does, at start and end)
     python campaign.py run --minutes 150       # the jobs in order on --lanes 2 processes of 1 thread each
+    python campaign.py run --minutes 40 --lanes 1 --threads 2 --only JOB   # one job on both cores, to finish it
     python campaign.py command JOB             # one job's command line, to run or inspect by hand
     python campaign.py history                 # the per-session report: every record of sessions.jsonl
     python campaign.py curves --every 100      # the training jobs' best validation bounds at equal epochs
@@ -287,11 +288,14 @@ def print_curves(every: float):
 
 
 class Lanes:
-    """`lanes` worker threads, each running one job at a time as a subprocess with 1 CPU thread."""
+    """`lanes` worker threads, each running one job at a time as a subprocess with `threads` CPU threads
+    (OMP_NUM_THREADS), taking the jobs of JOBS in order (those named in `only`, when given)."""
 
-    def __init__(self, minutes: float, lanes: int, data_dir: str | None, log_dir: Path, note: str = ""):
+    def __init__(self, minutes: float, lanes: int, data_dir: str | None, log_dir: Path, note: str = "",
+                 threads: int = 1, only: list[str] | None = None):
         self.deadline, self.minutes, self.note = time.time() + 60 * minutes, minutes, note
         self.lanes, self.data_dir, self.log_dir = lanes, data_dir, log_dir
+        self.threads, self.only = threads, only
         self.lock = threading.Lock()
         self.claimed: set[str] = set()
         self.logs = {}  # job name -> its open, locked log file while a lane runs it
@@ -305,6 +309,8 @@ class Lanes:
         running on the job's out-dir (the scripts lock it). Taking it locks its log file until release(job)."""
         with self.lock:
             for job in JOBS:
+                if self.only is not None and job.name not in self.only:
+                    continue
                 if job.name in self.claimed or job_status(job)["state"] == "finished":
                     continue
                 self.claimed.add(job.name)  # tried once per session, whether it runs here or elsewhere
@@ -356,7 +362,8 @@ class Lanes:
                 # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice. The child
                 # shares the locked log file, so the job stays taken while it runs even if this process dies.
                 child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                         env={**os.environ, "OMP_NUM_THREADS": str(self.threads),
+                                              "PYTHONUNBUFFERED": "1"},
                                          start_new_session=True)
                 self.children.append(child)
                 code = child.wait()
@@ -386,7 +393,9 @@ class Lanes:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, forward)
-        note = f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}" + (f": {self.note}" if self.note else "")
+        note = (f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}"
+                + (f" --threads {self.threads}" if self.threads != 1 else "")
+                + (f" --only {' '.join(self.only)}" if self.only else "") + (f": {self.note}" if self.note else ""))
         # a record at the start too: a session cut off before its end (its process killed with it) still leaves
         # its command, commit and machine in the working tree, and the next session's start record its progress
         print_status(record=True, note=note, at="start")
@@ -413,6 +422,11 @@ def main(argv=None) -> int:
     run = sub.add_parser("run", help="run the jobs in segments for up to --minutes")
     run.add_argument("--minutes", type=float, required=True, help="wall-clock minutes for this session's segments")
     run.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="jobs at once, 1 thread each (default: cores)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads per job (OMP_NUM_THREADS, default 1): more to finish one job sooner, e.g. "
+                          "--lanes 1 --threads 2 --only JOB; a resumed run's numbers then differ in the last digits")
+    run.add_argument("--only", nargs="+", default=None, choices=[job.name for job in JOBS], metavar="JOB",
+                     help="run only these jobs (in queue order); default every job")
     run.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
     run.add_argument("--note", default="", help="a note for this session's record in sessions.jsonl (the record names the machine itself)")
@@ -439,11 +453,11 @@ def main(argv=None) -> int:
         job = next(j for j in JOBS if j.name == args.job)
         print(" ".join(job.command(args.minutes, args.data_dir)))
         return 0
-    if args.minutes <= 0 or args.lanes < 1:
-        parser.error("--minutes must be > 0 and --lanes >= 1")
+    if args.minutes <= 0 or args.lanes < 1 or args.threads < 1:
+        parser.error("--minutes must be > 0, --lanes >= 1 and --threads >= 1")
     log_dir = REPO_ROOT / args.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    return Lanes(args.minutes, args.lanes, args.data_dir, log_dir, args.note).run()
+    return Lanes(args.minutes, args.lanes, args.data_dir, log_dir, args.note, args.threads, args.only).run()
 
 
 if __name__ == "__main__":

@@ -197,6 +197,40 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
     assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first
 
 
+def test_only_runs_the_named_jobs_with_the_threads_asked_for(monkeypatch, tmp_path, capsys):
+    """--only JOB --threads 2: one job given both cores to finish it; the queue's other jobs are left alone, the
+    child gets OMP_NUM_THREADS=2, and the session's record says how it ran."""
+    first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [first, second])
+    monkeypatch.setattr(campaign, "print_status", lambda record, note, at=None: notes.append(note))
+    started, notes = [], []
+
+    class Finished:  # a child that has already exited 0
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    def popen(cmd, env, **kwargs):
+        started.append((cmd, env["OMP_NUM_THREADS"]))
+        return Finished()
+
+    monkeypatch.setattr(campaign.subprocess, "Popen", popen)
+    monkeypatch.setattr(campaign.subprocess, "run", lambda *a, **k: None)  # compare.py --update-readme
+    lanes = campaign.Lanes(minutes=5, lanes=1, data_dir=None, log_dir=tmp_path, threads=2, only=[second.name])
+    assert lanes.run() == 0
+    assert [(second.out_dir in cmd, threads) for cmd, threads in started] == [(True, "2")]
+    assert lanes.finished == [second.name]
+    assert notes == [f"campaign.py run --minutes 5 --lanes 1 --threads 2 --only {second.name}"] * 2
+    with pytest.raises(SystemExit):
+        campaign.main(["run", "--minutes", "5", "--threads", "0"])
+    with pytest.raises(SystemExit):
+        campaign.main(["run", "--minutes", "5", "--only", "no_such_job"])
+    assert "invalid choice: 'no_such_job'" in capsys.readouterr().err
+
+
 def test_curves_compare_runs_at_equal_epochs_by_their_best_validation_bound(monkeypatch, tmp_path, capsys):
     """A batch-100 run (590 steps per epoch, finished) and a batch-20 run (2950, still training) side by side: each
     row is the best bound validated by that epoch, a duplicated validation (a resumed segment) changes nothing,
