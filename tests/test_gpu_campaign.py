@@ -47,13 +47,28 @@ def test_a_failing_step_is_reported_and_fails_the_script(data_dir, tmp_path):
     assert "1 FAILED" in (out / "SUMMARY.txt").read_text()
 
 
+def _pack_and_unpack(pub, repo, tmp_path):
+    """Pack pub/results and pub's manifest as the device would, then unpack them into `repo` with --apply."""
+    import tarfile
+
+    files = tmp_path / "files"
+    files.mkdir()
+    with tarfile.open(files / "publish.tar.gz", "w:gz") as tar:
+        tar.add(pub / "results", arcname="results")
+        tar.add(pub / "gpu_campaign_manifest.txt", arcname="gpu_campaign_manifest.txt")
+    proc = subprocess.run(["bash", "scripts/gpu_campaign_unpack.sh", str(files), "--repo", str(repo), "--apply",
+                           "--no-readme", "--stage", str(tmp_path / "stage")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def test_unpack_stamps_the_campaign_commit_over_the_devices_stale_git(tmp_path):
     """The device's copy of the repo can carry a stale .git (seen: the session's first commit + "-dirty" in every
     result while the tree sent was a later commit). The unpack script must record the campaign's --commit, keep
     the device's view beside it, and restamp that campaign's evaluation segments only."""
     import json
     import shutil
-    import tarfile
 
     repo = tmp_path / "repo"
     for d in ("results", "assets", "checkpoints"):
@@ -76,15 +91,7 @@ def test_unpack_stamps_the_campaign_commit_over_the_devices_stale_git(tmp_path):
         f"gpu_campaign publish manifest\nmode=gpu\ncommit={sent}\n# changed or new (md5  path, relative to the repo "
         f"root)\nabc  results/{name}.json\n# re-saved by --eval-only --publish (the weights it evaluated), not packed\n"
         "# deleted\n")
-    files = tmp_path / "files"
-    files.mkdir()
-    with tarfile.open(files / "publish.tar.gz", "w:gz") as tar:
-        tar.add(pub / "results", arcname="results")
-        tar.add(pub / "gpu_campaign_manifest.txt", arcname="gpu_campaign_manifest.txt")
-    proc = subprocess.run(["bash", "scripts/gpu_campaign_unpack.sh", str(files), "--repo", str(repo), "--apply",
-                           "--no-readme", "--stage", str(tmp_path / "stage")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _pack_and_unpack(pub, repo, tmp_path)
     got = json.loads((repo / "results" / f"{name}.json").read_text())
     assert got["test_ll_nats"] == -2386.0
     assert got["git_commit"] == sent and got["device_git_commit"] == stale
@@ -95,13 +102,11 @@ def test_unpack_brings_each_kept_result_with_its_per_image_values(tmp_path):
     """A result that names results/per_image/<run>.npy comes with that file (compare.py checks it by sha256);
     one whose file the pack lacks is skipped, so that README never names a missing file."""
     import json
-    import tarfile
 
-    repo, pub, files = tmp_path / "repo", tmp_path / "pub", tmp_path / "files"
+    repo, pub = tmp_path / "repo", tmp_path / "pub"
     for d in ("results", "assets", "checkpoints"):
         (repo / d).mkdir(parents=True)
     (pub / "results" / "per_image").mkdir(parents=True)
-    files.mkdir()
     names = ("model03_fashion-mnist_iwae_k5_seed0", "model02_fashion-mnist_iwae_k5_seed0")
     for name in names:
         (pub / "results" / f"{name}.json").write_text(json.dumps(
@@ -112,13 +117,7 @@ def test_unpack_brings_each_kept_result_with_its_per_image_values(tmp_path):
     (pub / "gpu_campaign_manifest.txt").write_text(
         "gpu_campaign publish manifest\nmode=gpu\n# changed or new (md5  path, relative to the repo root)\n"
         + "".join(f"abc  results/{name}.json\n" for name in names) + f"abc  results/per_image/{names[0]}.npy\n")
-    with tarfile.open(files / "publish.tar.gz", "w:gz") as tar:
-        tar.add(pub / "results", arcname="results")
-        tar.add(pub / "gpu_campaign_manifest.txt", arcname="gpu_campaign_manifest.txt")
-    proc = subprocess.run(["bash", "scripts/gpu_campaign_unpack.sh", str(files), "--repo", str(repo), "--apply",
-                           "--no-readme", "--stage", str(tmp_path / "stage")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _pack_and_unpack(pub, repo, tmp_path)
     assert (repo / "results" / "per_image" / f"{names[0]}.npy").read_bytes() == b"per-image values"
     assert (repo / "results" / f"{names[0]}.json").is_file()
     assert not (repo / "results" / f"{names[1]}.json").exists()
