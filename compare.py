@@ -124,8 +124,6 @@ def load_per_image(r: dict):
 def paired_comparisons(results: list[dict], model: str | None = None) -> list[dict]:
     """Every two rows (of `model`, or all) on the same data set, test images and S that both have per-image
     values: L(a) - L(b) with its paired standard error, and the unpaired one it replaces."""
-    import numpy as np
-
     rows = [(r, v) for r in results if model is None or r["model"] == model
             for v in [load_per_image(r)] if v is not None]
     pairs = []
