@@ -166,7 +166,8 @@ def job_status(job: Job) -> dict:
         total = _total_steps(ckpt)
         details.append(f"step {ckpt['step']:,}/{total:,} ({ckpt['epochs']:.0f} epochs), best validation bound "
                        f"{ckpt['best_val_bound_nats']:.2f} nats at step {ckpt['best_step']:,}, training "
-                       f"{ckpt['train_time_s'] / 3600:.2f} h" + _precision_note(ckpt))
+                       f"{ckpt['train_time_s'] / 3600:.2f} h" + _precision_note(ckpt)
+                       + (_time_left(out, total - ckpt["step"]) if ckpt["step"] < total else ""))
         status["state"] = "training" if ckpt["step"] < total else "evaluating"
     for path in sorted(out.glob("test_eval*.pt")):
         state = _torch_load(path)
@@ -177,6 +178,24 @@ def job_status(job: Job) -> dict:
     if details:
         status["detail"] = "; ".join(details)
     return status
+
+
+def _time_left(out: Path, steps_left: int) -> str:
+    """The rate of the run's last finished segment (its last two segment_end records in log.jsonl; the first segment
+    counts from step 0) and the training time left at that rate: the machine changes between sessions, so the last
+    segment says more about the next one than the run's average does. '' before a segment has ended."""
+    log = out / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    ends = [r for r in rows if r.get("type") == "segment_end"]
+    if not ends:
+        return ""
+    before = ends[-2] if len(ends) > 1 else {"step": 0, "train_time_s": 0.0}
+    steps, seconds = ends[-1]["step"] - before["step"], ends[-1]["train_time_s"] - before["train_time_s"]
+    if steps <= 0 or seconds <= 0:
+        return ""
+    rate = steps / seconds
+    return (f"; last segment {steps:,} steps in {seconds / 3600:.2f} h of training ({rate:.0f} steps/s): "
+            f"{steps_left:,} steps left, about {steps_left / rate / 3600:.1f} h at that rate")
 
 
 def _precision_note(ckpt: dict) -> str:

@@ -82,7 +82,7 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     assert in_process(*flags)[0] == training.EXIT_SEGMENT_END
     status = campaign.job_status(job)
     assert status["state"] == "training" and "step 10/40" in status["detail"], status
-    assert status["detail"].endswith(" h, float32"), status
+    assert status["detail"].split("; ")[0].endswith(" h, float32"), status  # (then the last segment's rate)
     while in_process(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
         pass
     status = campaign.job_status(job)
@@ -261,3 +261,27 @@ def test_curves_compare_runs_at_equal_epochs_by_their_best_validation_bound(monk
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] == " " and line.split()[0].isdigit()]
     assert rows == [["1", "-100.00", "-99.00"], ["2", "-95.00", "-97.00"], ["3", "-95.00", "-93.50"],
                     ["4", "-94.00", "-"]]
+
+
+def test_status_gives_the_last_segments_rate_and_the_time_left_at_it(monkeypatch, tmp_path):
+    """Two finished segments: the rate is the second's (700 steps in 2 s of training, not the run's average), the
+    steps left are the checkpoint's; with one segment it counts from step 0; none ended yet: no estimate."""
+    job = campaign.Job("tiny", "model01.py", [], "a test run")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    out = tmp_path / job.out_dir
+    out.mkdir(parents=True)
+    torch.save({"step": 1900, "epochs": 19.0, "config": {"max_steps": 0, "epochs": 100}, "best_val_bound_nats": -90.0,
+                "best_step": 1800, "train_time_s": 7200.0}, out / "ckpt.pt")
+    segment_ends = [{"type": "segment_end", "step": 1000, "train_time_s": 4.0},
+                    {"type": "segment_end", "step": 1700, "train_time_s": 6.0}]
+    for ends, expected in [([], None), (segment_ends[:1], "last segment 1,000 steps in 0.00 h of training (250 steps/s)"),
+                           (segment_ends, "last segment 700 steps in 0.00 h of training (350 steps/s)")]:
+        rows = [{"type": "config", "step": 0}, {"type": "val", "step": 1800, "val_bound_nats": -90.0}, *ends]
+        (out / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        detail = campaign.job_status(job)["detail"]
+        assert detail.startswith("step 1,900/10,000 (19 epochs)"), detail
+        if expected is None:
+            assert "last segment" not in detail and "left" not in detail, detail
+        else:
+            rate = float(expected.split("(")[1].split()[0])
+            assert f"; {expected}: 8,100 steps left, about {8100 / rate / 3600:.1f} h at that rate" in detail, detail
