@@ -22,6 +22,7 @@ write prose outside them:
     <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
     <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
+    <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
 --check also fails when README shows an image that does not exist.
 
 Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
@@ -122,9 +123,10 @@ def load_per_image(r: dict):
 
 
 def paired_comparisons(results: list[dict], model: str | None = None) -> list[dict]:
-    """Every two rows (of `model`, or all) on the same data set, test images and S that both have per-image
-    values: L(a) - L(b) with its paired standard error, and the unpaired one it replaces."""
-    rows = [(r, v) for r in results if model is None or r["model"] == model
+    """Every two rows (of `model`, or of every rung on the data set `model` names -- model04 against model01 on
+    binarized-mnist -- or all) on the same data set, test images and S that both have per-image values:
+    L(a) - L(b) with its paired standard error, and the unpaired one it replaces."""
+    rows = [(r, v) for r in results if model is None or model in (r["model"], r["dataset"])
             for v in [load_per_image(r)] if v is not None]
     pairs = []
     for i, (a, va) in enumerate(rows):
@@ -460,9 +462,11 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             if open_marker is not None:
                 raise CompareError(f"README {where(m)}: {m.group(0)} opens inside the block opened by "
                                    f"{open_marker.group(0)} ({where(open_marker)}); close that block first.")
-            if model is not None and not (REPO_ROOT / f"{model}.py").is_file():
+            datasets = {r["dataset"] for r in results} if kind == "paired" else set()  # (a paired block may name one)
+            if model is not None and not (REPO_ROOT / f"{model}.py").is_file() and model not in datasets:
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
-                                   f"in {REPO_ROOT}; fix the marker.")
+                                   f"in {REPO_ROOT}" + (" and no published row on a data set of that name"
+                                                        if kind == "paired" else "") + "; fix the marker.")
             out.append(text[pos:m.end()])
             open_marker = m
         else:

@@ -148,6 +148,8 @@ def test_bad_inputs_are_clear_errors(published, tmp_path, capsys):
                           ("<!-- results:start -->\n", "is never closed"),
                           ("<!-- results:model01:start -->\n<!-- results:end -->\n", "closes no open"),
                           ("<!-- results:model99:start -->\n<!-- results:model99:end -->\n", "no model99.py"),
+                          ("<!-- paired:fashion-mnist:start -->\n<!-- paired:fashion-mnist:end -->\n",
+                           "no published row on a data set of that name"),
                           ("<!-- figures:start -->\n<!-- figures:end -->\n", "needs a model")]:
         readme.write_text(text)
         code, out = _compare(capsys, "--check", "--readme", readme, "--results-dir", results)
@@ -297,6 +299,9 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     assert pair["a_higher_fraction"] == 1.0
     twin_stderr = (values - shift).std(ddof=1) / 10
     assert pair["unpaired_stderr"] == pytest.approx(np.hypot(result["test_ll_stderr"], twin_stderr), rel=1e-9)
+    # keyed by a data set instead of a rung: every rung's rows on it (here the same pair), none on another
+    assert compare.paired_comparisons(compare.load_results(results, True), "binarized-mnist") == [pair]
+    assert compare.paired_comparisons(compare.load_results(results, True), "fashion-mnist") == []
 
     assert _compare(capsys, "--update-readme", *paths)[0] == 0
     text = readme.read_text()
@@ -306,6 +311,8 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     assert _compare(capsys, "--check", *paths)[0] == 0
     code, out = _compare(capsys, "--paired", "--results-dir", results)
     assert code == 0 and "L(a) - L(b) (nats): +0.50  paired SE: 0.020" in out
+    readme.write_text("# r\n\n<!-- paired:binarized-mnist:start -->\n<!-- paired:binarized-mnist:end -->\n")
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0 and "| +0.50 | 0.020 |" in readme.read_text()
 
     # a per-image file that is not the one the row was published with, or none at all, is refused by name
     npy = results / "per_image" / "model01_binarized-mnist_iwae_k5_seed4243.npy"
