@@ -51,8 +51,10 @@ class Job:
     # --cpu-bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), where it is faster than float32; elsewhere
     # torch emulates bf16 and it is several times slower. The run's checkpoint records each segment's precision.
     bf16_where_native: bool = False
-    # a re-score is done once its checkpoint's published result is at S >= 5000, whoever published it (a GPU session)
+    # a re-score is done once its checkpoint's published result is at S >= 5000, whoever published it (a GPU session),
+    # and, for a per-image job, once that result carries its per-image values (see `rescored`)
     published_result: str | None = None
+    needs_per_image: bool = False
 
     @property
     def out_dir(self) -> str:
@@ -74,14 +76,24 @@ class Job:
         return cmd
 
 
-def rescore(checkpoint: str) -> Job:
+def rescore(checkpoint: str, per_image: bool = False) -> Job:
+    """L_5000 of a published checkpoint on the full test set; `per_image`: again, for a row published at S=5000 before
+    evaluations kept each test image's value (its own out-dir: the first re-score's result.json stays as it is)."""
     script = checkpoint.split("_", 1)[0] + ".py"
-    return Job(f"eval5000_{checkpoint}", script,
+    why = (f"per-image test L_5000 of the published {checkpoint} (published at S=5000 without them), for paired "
+           f"comparisons on the same test images" if per_image else
+           f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)")
+    return Job(f"{'perimage' if per_image else 'eval5000'}_{checkpoint}", script,
                # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config
                ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000",
                 "--eval-chunk", "128"],
-               f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)",
-               published_result=f"results/{checkpoint}.json")
+               why, published_result=f"results/{checkpoint}.json", needs_per_image=per_image)
+
+
+def rescored(result: dict, per_image: bool) -> bool:
+    """Whether a published result needs no re-score: at S >= 5000 and, when `per_image`, with its per-image values.
+    (scripts/gpu_campaign.sh asks this too, with per_image=True, before re-scoring a checkpoint on a GPU.)"""
+    return result.get("eval_samples", 0) >= 5000 and (not per_image or bool(result.get("test_ll_per_image")))
 
 
 # In order: a free lane takes the first job that is neither finished nor running.
@@ -130,6 +142,16 @@ JOBS = [
          "--val-every", "29500", "--checkpoint-every", "29500", "--log-every", "5000"],
         "model01 k=5 at the paper's batch of 20 (9.7M updates over Burda et al.'s 3280 epochs and 8-stage schedule), "
         "float32, L_5000 on the 10k test images"),
+    # Rows published at S=5000 before evaluations kept each test image's value (results/per_image/), scored again for
+    # paired comparisons (compare.py --paired). model03 bounded vs unbounded first: their L_5000 differ by 0.83 nats
+    # with an unpaired SE of 7.5, which says nothing (model01's paired SE was a tenth of its unpaired one). model02's
+    # pair differ by 105 nats, clear already. model04 on binarized MNIST pairs with model01 (same fixed-seed test
+    # binarization), but its L_5000 likely takes as long as model04 on Fashion-MNIST did (18.86 h of one CPU thread):
+    # a GPU session does all five in minutes (scripts/gpu_campaign.sh step 4 asks the same `rescored`).
+    *[rescore(checkpoint, per_image=True) for checkpoint in (
+        "model03_fashion-mnist_iwae_k5_seed0", "model03_fashion-mnist_iwae_k5_unbounded_seed0",
+        "model02_fashion-mnist_iwae_k5_seed0", "model02_fashion-mnist_iwae_k5_unbounded_seed0",
+        "model04_binarized-mnist_vae_k1_L6_seed0")],
 ]
 
 
@@ -154,11 +176,12 @@ def job_status(job: Job) -> dict:
                           f"{result['wall_time_s'] / 3600:.2f} h in all"}
     if job.published_result and (REPO_ROOT / job.published_result).exists():
         published = json.loads((REPO_ROOT / job.published_result).read_text())
-        if published.get("eval_samples", 0) >= 5000:  # then a partial re-score here is redundant: left as it is
+        if rescored(published, job.needs_per_image):  # then a partial re-score here is redundant: left as it is
             partial = "; this job's partial test_eval.pt is redundant" if (out / "test_eval.pt").exists() else ""
             return {**status, "state": "finished",
                     "detail": f"published at L_{published['eval_samples']} = {published['test_ll_nats']:.2f} nats on "
-                              f"{published['n_test']} images by another run ({job.published_result}, "
+                              f"{published['n_test']} images by another run"
+                              f"{' with per-image values' if job.needs_per_image else ''} ({job.published_result}, "
                               f"{published.get('device')}){partial}"}
     details = []
     if (out / "ckpt.pt").exists():

@@ -56,7 +56,8 @@
 #   4 re-scores   rest    L5000 (full test set; --eval-chunk 0 = the rung's automatic pass size on CUDA, 2^18
 #                         latents, model04 2^14: its checkpoints carry --eval-chunk 2048 from their CPU runs) of
 #                         every published model02/03/04 checkpoint in checkpoints/ whose results/ file is not yet
-#                         at S >= 5000 (the CPU campaign publishes some), --eval-only --publish, cheapest
+#                         at S >= 5000 with per-image values (the CPU campaign publishes some; rows published
+#                         before results/per_image/ existed are scored again for them), --eval-only --publish, cheapest
 #                         first (model02/03 ~0.8 PFLOP each, model04 ~2.5 PFLOP each), in one Python process
 #                         (scripts/gpu_rescore.py: same commands, no per-job torch import / CUDA start), each job
 #                         given all the time left as --segment-minutes: one that cannot finish exits 75 with its
@@ -437,8 +438,10 @@ EOF
 else
   DATA_DIR="$DATA_ABS"; record 0 data OK 0 "plain data root $DATA_DIR used in place"
 fi
-already_l5000() {  # already_l5000 RESULT_JSON: true when that published result is at S >= 5000
-  [ -f "$1" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("eval_samples", 0) >= 5000 else 1)' "$1"
+already_rescored() {  # already_rescored RESULT_JSON: true when that published result is at S >= 5000 with its
+  # per-image values (campaign.rescored, the CPU campaign's own test: one definition of "needs no re-score")
+  [ -f "$1" ] && "$PY" -c 'import json, sys; sys.path.insert(0, sys.argv[2]); import campaign
+sys.exit(0 if campaign.rescored(json.load(open(sys.argv[1])), per_image=True) else 1)' "$1" "$CODE_ROOT"
 }
 
 have() {  # have mnist|fashion
@@ -590,10 +593,10 @@ if want_step 4; then
     esac
     if [ -n "$RESCORE" ]; then case ",$RESCORE," in *",$name,"*) ;; *) continue ;; esac; fi
     if ! have $need; then record 4 "$name" SKIPPED 0 "no $need data"; continue; fi
-    # already published at S >= 5000 (e.g. by the CPU campaign, campaign.py): nothing to do. Not in a --dry-run,
-    # which re-scores every checkpoint at tiny sizes to rehearse each rung's path.
-    if [ "$DRY" != 1 ] && already_l5000 "$CODE_ROOT/results/$name.json"; then
-      record 4 "$name" SKIPPED 0 "already published at L5000 (results/$name.json)"; continue
+    # already published at S >= 5000 with per-image values (e.g. by the CPU campaign, campaign.py): nothing to do.
+    # Not in a --dry-run, which re-scores every checkpoint at tiny sizes to rehearse each rung's path.
+    if [ "$DRY" != 1 ] && already_rescored "$CODE_ROOT/results/$name.json"; then
+      record 4 "$name" SKIPPED 0 "already published at L5000 with per-image values (results/$name.json)"; continue
     fi
     if [ -n "$RESUME_RUNS" ] && [ -f "$RESUME_RUNS/rescore/$name/test_eval.pt" ]; then
       mkdir -p "$WORK/runs/rescore/$name"

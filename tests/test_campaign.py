@@ -24,7 +24,8 @@ def test_every_job_is_a_valid_command_of_its_script(job):
     assert cfg.out_dir == f"campaign/{job.name}" and cfg.device == "cpu"
     if cfg.eval_only:  # a re-score: of a published checkpoint, at the story's S
         assert (ROOT / cfg.checkpoint).is_file() and cfg.eval_samples == 5000
-        assert job.name == f"eval5000_{Path(cfg.checkpoint).stem}"
+        assert job.name == f"{'perimage' if job.needs_per_image else 'eval5000'}_{Path(cfg.checkpoint).stem}"
+        assert job.published_result == f"results/{Path(cfg.checkpoint).stem}.json"
     else:  # a training job keeps the run's name, so publishing replaces the row it improves
         assert job.name == training.run_name(module.RUNG, cfg)
 
@@ -63,6 +64,29 @@ def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tm
     status = campaign.job_status(job)
     assert status["state"] == "finished" and "L_5000 = -1948.70 nats on 10000 images by another run" in status["detail"]
     assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is None
+
+
+def test_a_per_image_rescore_runs_until_the_published_row_has_per_image_values(monkeypatch, tmp_path):
+    """A row published at S=5000 without per-image values: its S=5000 re-score is finished, its per-image re-score
+    (another out-dir) is not, until a result with them is published (by this job, or a GPU session)."""
+    name = "model03_fashion-mnist_iwae_k5_seed0"
+    first, again = campaign.rescore(name), campaign.rescore(name, per_image=True)
+    assert again.name != first.name and again.command(None, None) == [
+        *first.command(None, None)[:-3], "--out-dir", again.out_dir, "--publish"]
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [first, again])
+    (tmp_path / "results").mkdir()
+    published = tmp_path / again.published_result
+    row = {"eval_samples": 5000, "test_ll_nats": -1937.61, "n_test": 10000, "device": "CPU"}
+    published.write_text(json.dumps(row))
+    assert campaign.job_status(first)["state"] == "finished"
+    assert campaign.job_status(again)["state"] == "not started"
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is again
+    published.write_text(json.dumps({**row, "test_ll_per_image": f"per_image/{name}.npy"}))
+    status = campaign.job_status(again)
+    assert status["state"] == "finished" and "by another run with per-image values" in status["detail"], status
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is None
+    assert not campaign.rescored({**row, "eval_samples": 100, "test_ll_per_image": "x.npy"}, per_image=True)
 
 
 def test_job_names_are_unique():
