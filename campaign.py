@@ -135,7 +135,8 @@ JOBS = [
         "L_5000 on the 10k test images"),
     # The first model01 run (batch 100) ended at -86.02 nats, half a nat short of the paper's -85.54 with 5x fewer updates:
     # this one has the paper's batch (20, 9.7M updates; PyTorch's default initialisation), float32 because at batch 20 --cpu-bf16
-    # measured slower than float32 even on a CPU with native bf16 (results/bench_cpu_b20.json). Validation and
+    # gains nothing that holds even on a CPU with native bf16 (results/bench_cpu_b20.json: 3% faster at one thread;
+    # 16% slower in the report it replaced). Validation and
     # checkpoints every 10 epochs, as above.
     Job("model01_binarized-mnist_iwae_k5_b20_seed0", "model01.py",
         ["--importance-samples", "5", "--batch-size", "20", "--epochs", "3280", "--lr-schedule", "iwae",
