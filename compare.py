@@ -122,11 +122,11 @@ def load_per_image(r: dict):
     return values
 
 
-def paired_comparisons(results: list[dict], model: str | None = None) -> list[dict]:
-    """Every two rows (of `model`, or of every rung on the data set `model` names -- model04 against model01 on
-    binarized-mnist -- or all) on the same data set, test images and S that both have per-image values:
-    L(a) - L(b) with its paired standard error, and the unpaired one it replaces."""
-    rows = [(r, v) for r in results if model is None or model in (r["model"], r["dataset"])
+def paired_comparisons(results: list[dict], rung_or_dataset: str | None = None) -> list[dict]:
+    """Every two rows (of one rung, of every rung on one data set -- model04 against model01 on binarized-mnist --
+    or all) on the same data set, test images and S that both have per-image values: L(a) - L(b) with its paired
+    standard error, and the unpaired one it replaces."""
+    rows = [(r, v) for r in results if rung_or_dataset is None or rung_or_dataset in (r["model"], r["dataset"])
             for v in [load_per_image(r)] if v is not None]
     pairs = []
     for i, (a, va) in enumerate(rows):
