@@ -204,13 +204,17 @@ def job_status(job: Job) -> dict:
     return status
 
 
+def _log_rows(out: Path) -> list[dict]:
+    """The records of a job's log.jsonl (none when it has no log yet)."""
+    log = out / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
 def _time_left(out: Path, steps_left: int) -> str:
     """The rate of the run's last finished segment (its last two segment_end records in log.jsonl; the first segment
     counts from step 0) and the training time left at that rate: the machine changes between sessions, so the last
     segment says more about the next one than the run's average does. '' before a segment has ended."""
-    log = out / "log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    ends = [r for r in rows if r.get("type") == "segment_end"]
+    ends = [r for r in _log_rows(out) if r.get("type") == "segment_end"]
     if not ends:
         return ""
     before = ends[-2] if len(ends) > 1 else {"step": 0, "train_time_s": 0.0}
@@ -295,8 +299,7 @@ def validation_curve(job: Job) -> tuple[float, list[tuple[float, float]]] | None
         steps_per_epoch = ckpt["step"] / ckpt["epochs"] if ckpt["epochs"] else 0
     else:
         return None
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    validations = sorted((r["step"], r["val_bound_nats"]) for r in rows if r.get("type") == "val")
+    validations = sorted((r["step"], r["val_bound_nats"]) for r in _log_rows(out) if r.get("type") == "val")
     if not validations or not steps_per_epoch:
         return None
     curve, best = [], float("-inf")

@@ -452,6 +452,7 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                   benches: list[dict] = ()) -> str:
     """README text with every generated block rewritten from `results` (and `benches`, bench_*.json)."""
     out, pos, open_marker = [], 0, None
+    datasets = {r["dataset"] for r in results}
 
     def where(match):
         return f"line {text.count(chr(10), 0, match.start()) + 1}"
@@ -462,8 +463,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             if open_marker is not None:
                 raise CompareError(f"README {where(m)}: {m.group(0)} opens inside the block opened by "
                                    f"{open_marker.group(0)} ({where(open_marker)}); close that block first.")
-            datasets = {r["dataset"] for r in results} if kind == "paired" else set()  # (a paired block may name one)
-            if model is not None and not (REPO_ROOT / f"{model}.py").is_file() and model not in datasets:
+            if (model is not None and not (REPO_ROOT / f"{model}.py").is_file()
+                    and not (kind == "paired" and model in datasets)):  # (a paired block may name a data set)
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
                                    f"in {REPO_ROOT}" + (" and no published row on a data set of that name"
                                                         if kind == "paired" else "") + "; fix the marker.")
