@@ -8,6 +8,18 @@
 | fashion-mnist           | 1x28x28  | 8-bit        | 59k / 1k / 10k                                      |
 | cifar10                 | 3x32x32  | 8-bit        | 49k / 1k / 10k                                      |
 | svhn                    | 3x32x32  | 8-bit        | 72,257 / 1k / 26,032 (the 'train' split, no extra)  |
+| cifar10-jpeg            | 3x32x32  | 8-bit        | 49k / 1k / 10k: the image folder CIFAR10-JPEG/      |
+| folder:PATH             | CxSxS    | 8-bit        | PATH/train, PATH/val or 1k carved, PATH/test        |
+
+Image folders (image_folder.py): `folder:PATH` is any directory in torchvision's ImageFolder layout
+(train/<class>/..., test/<class>/..., val/ optional), PATH absolute, relative to the working directory, or
+relative to the data root; named after the folder (CIFAR10-JPEG -> cifar10-jpeg). `cifar10-jpeg` is the
+folder CIFAR10-JPEG under the data root: CIFAR-10's images re-encoded as JPEG quality 75 with 4:2:0 chroma,
+our colour set. JPEG removed detail and halved the colour resolution, so its bits/dim are lower than
+CIFAR-10's and never compare with CIFAR-10 numbers in the literature. Options for folders only:
+image_size (S, default 32; see image_folder.py for mixed sizes) and grey (1 channel instead of RGB).
+Each split is held in a fixed pseudo-random order (a SPLIT_SEED permutation of ImageFolder's class-by-class
+order), so that the first N test images (--n-test N, the figure grids) sample every class.
 
 Validation: VAL_SIZE = 1000 images carved from the training set by a fixed permutation
 (SPLIT_SEED), the same for every run and every training seed; it selects checkpoints, the test
@@ -30,14 +42,17 @@ the files and the directory. VAE_DATA_VERIFY=0 skips the md5 checks, for the syn
 SVHN files the tests write (no colour data set exists on the development machines);
 VAE_DATA_DOWNLOAD=0 never tries a download (offline machines: fail at once instead of waiting on DNS).
 """
+import argparse
 import gzip
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import image_folder
 
 VAL_SIZE = 1000
 SPLIT_SEED = 20151101  # fixed: the validation images never depend on the training seed
@@ -61,6 +76,8 @@ class DatasetInfo:
     name: str
     shape: tuple  # (C, H, W)
     binary: bool  # {0,1} pixels (Bernoulli likelihood) vs 8-bit pixels (discrete likelihoods)
+    folder: str | None = None  # image folders: the resolved directory, once loaded
+    content_sha256: str | None = None  # image folders: the hash of its image files (image_folder.py), once loaded
 
     @property
     def num_dims(self) -> int:
@@ -75,7 +92,10 @@ DATASETS = {
     "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), binary=False),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), binary=False),
     "svhn": DatasetInfo("svhn", (3, 32, 32), binary=False),
+    "cifar10-jpeg": DatasetInfo("cifar10-jpeg", (3, 32, 32), binary=False),
 }
+FOLDER_PREFIX = "folder:"  # --dataset folder:PATH
+NAMED_FOLDERS = {"cifar10-jpeg": "CIFAR10-JPEG"}  # data sets that are image folders under the data root
 
 
 @dataclass
@@ -305,14 +325,78 @@ def _binarize_once(images: np.ndarray, seed: int) -> np.ndarray:
     return (rng.random(images.shape) < images / 255.0).astype(np.uint8)
 
 
-def load_data(name: str, data_dir: str | Path | None = None, device="cpu", val_size: int = VAL_SIZE) -> Data:
-    """Load data set `name` into uint8 tensors on `device`; see the module docstring for splits."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    info = DATASETS[name]
+def is_folder(spec: str) -> bool:
+    """Whether a --dataset value names an image folder (folder:PATH or one of NAMED_FOLDERS)."""
+    return spec.startswith(FOLDER_PREFIX) or spec in NAMED_FOLDERS
+
+
+def dataset_info(spec: str, image_size: int | None = None, grey: bool = False) -> DatasetInfo:
+    """The DatasetInfo of a --dataset value, without reading any file (configs check shapes before loading)."""
+    if is_folder(spec):
+        folder = spec[len(FOLDER_PREFIX):] if spec.startswith(FOLDER_PREFIX) else NAMED_FOLDERS[spec]
+        if not folder:
+            raise DataError(f"--dataset {spec!r}: give the folder's path, e.g. folder:path/to/images")
+        side = image_size or image_folder.DEFAULT_IMAGE_SIZE
+        return DatasetInfo(image_folder.dataset_name(folder, image_size, grey), (1 if grey else 3, side, side),
+                           binary=False)
+    if spec not in DATASETS:
+        raise DataError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}, or folder:PATH")
+    if image_size is not None or grey:
+        raise DataError(f"--image-size and --grey apply to image folders ({', '.join(NAMED_FOLDERS)} or "
+                        f"folder:PATH), not to {spec}")
+    return DATASETS[spec]
+
+
+def dataset_arg(names: list[str], folders: bool):
+    """argparse `type=` for --dataset: one of `names`, or (when `folders`) an image folder; else exit 2."""
+    def parse(value: str) -> str:
+        if value in names or (folders and is_folder(value)):
+            return value
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {value!r} (choose from {', '.join(names)}" + (", folder:PATH)" if folders else ")"))
+    parse.__name__ = "dataset"  # argparse names the type in its messages
+    return parse
+
+
+def _resolve_folder(spec: str, root: Path) -> Path:
+    """folder:PATH as given (absolute, or relative to the working directory), else under the data root."""
+    if spec in NAMED_FOLDERS:
+        return root / NAMED_FOLDERS[spec]
+    path = Path(spec[len(FOLDER_PREFIX):]).expanduser()
+    return path if path.is_absolute() or path.exists() else root / path
+
+
+def _load_folder(spec: str, root: Path, image_size: int | None, grey: bool):
+    folder = _resolve_folder(spec, root)
+    if spec in NAMED_FOLDERS and not folder.is_dir():
+        raise _missing(folder.parent, [f"{folder.name}/train/<class>/*.jpg", f"{folder.name}/test/<class>/*.jpg"],
+                       "Copy the image folder there (see data.py for what it holds).")
+    try:
+        images = image_folder.load_image_folder(folder, image_size, grey)
+    except image_folder.FolderError as e:
+        raise DataError(str(e)) from None
+    return images, str(folder.resolve())
+
+
+def load_data(name: str, data_dir: str | Path | None = None, device="cpu", val_size: int = VAL_SIZE,
+              image_size: int | None = None, grey: bool = False) -> Data:
+    """Load data set `name` (a --dataset value) into uint8 tensors on `device`; see the module docstring."""
+    info = dataset_info(name, image_size, grey)
     root = resolve_data_dir(str(data_dir) if data_dir is not None else None)
     dynamic = False
-    if name == "binarized-mnist-static":
+    if is_folder(name):
+        images, folder = _load_folder(name, root, image_size, grey)
+        info = replace(info, folder=folder, content_sha256=images.content_sha256)
+        # ImageFolder's order is class by class: a fixed permutation makes any prefix (--n-test N, the figure
+        # grids) a sample of every class, as in the built-in sets
+        train, val, test = (None if a is None else a[np.random.default_rng(SPLIT_SEED).permutation(len(a))]
+                            for a in (images.train, images.val, images.test))
+        if val is None:  # carved as for the built-in sets; a small folder gives a tenth of its images
+            if len(train) < 10:
+                raise DataError(f"image folder {folder} has {len(train)} training images: too few to carve a "
+                                f"validation set from; add a val/ folder or more images")
+            train, val = _carve_validation(train, min(val_size, len(train) // 10))
+    elif name == "binarized-mnist-static":
         parts = _load_static_binarized(root)
         train, val, test = parts["train"], parts["valid"], parts["test"]
     else:

@@ -55,7 +55,7 @@ import training
 from distributions import diagonal_gaussian, gaussian_likelihood, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
 
-EIGHT_BIT_DATASETS = ["cifar10", "svhn", "fashion-mnist", "mnist"]
+EIGHT_BIT_DATASETS = ["cifar10", "svhn", "cifar10-jpeg", "fashion-mnist", "mnist"]
 LOG_LEVELS = math.log(255.0)  # ln of the number of 8-bit levels per unit of pixel value
 
 

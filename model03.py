@@ -39,7 +39,7 @@ import training
 from distributions import diagonal_gaussian, discretized_logistic_likelihood, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
 
-EIGHT_BIT_DATASETS = ["cifar10", "svhn", "fashion-mnist", "mnist"]
+EIGHT_BIT_DATASETS = ["cifar10", "svhn", "cifar10-jpeg", "fashion-mnist", "mnist"]
 LOG_LEVELS = math.log(255.0)  # ln of the number of 8-bit levels per unit of pixel value
 LOG_LOGISTIC_STD = math.log(math.pi / math.sqrt(3.0))  # std of a logistic = scale * pi / sqrt(3)
 

@@ -62,7 +62,7 @@ ACTIVE_UNIT_SAMPLES = 10  # samples of the layers above, averaged for E_q[z_l | 
 
 
 def default_likelihood(dataset: str) -> str:
-    return "bernoulli" if data_lib.DATASETS[dataset].binary else "logistic-mixture"
+    return "bernoulli" if data_lib.dataset_info(dataset).binary else "logistic-mixture"
 
 
 # ----------------------------------------------------------------------------- config
@@ -107,8 +107,11 @@ class Config(training.TrainConfig):
             if not ok:
                 raise training.UserError(message)
 
-        check(self.dataset in data_lib.DATASETS, f"unknown dataset {self.dataset!r}")
-        binary = data_lib.DATASETS[self.dataset].binary
+        try:
+            info = data_lib.dataset_info(self.dataset, self.image_size, self.grey)
+        except data_lib.DataError as e:
+            raise training.UserError(str(e)) from None
+        binary = info.binary
         check(self.likelihood is None or self.likelihood in LIKELIHOODS,
               f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         likelihood = self.likelihood or default_likelihood(self.dataset)
@@ -122,7 +125,7 @@ class Config(training.TrainConfig):
         check(self.latent_layers >= self.downsamplings,
               f"--latent-layers ({self.latent_layers}) must be >= --downsamplings ({self.downsamplings}): "
               f"every latent resolution gets at least one stochastic layer")
-        side = min(data_lib.DATASETS[self.dataset].shape[1:])
+        side = min(info.shape[1:])
         check(side / 2 ** self.downsamplings >= 2,
               f"--downsamplings {self.downsamplings} would shrink {side}x{side} images below 2x2")
         for name in ("latent_channels", "width", "mixture_components", "encoder_blocks", "blocks_per_layer"):

@@ -72,6 +72,8 @@ class TrainConfig:
     # data
     dataset: str = "binarized-mnist"
     data_dir: str | None = None  # None: $VAE_DATA_DIR, then ./data
+    image_size: int | None = None  # image folders: side S of the S x S images (None: 32, one size in the folder)
+    grey: bool = False  # image folders: 1 channel (luma) instead of RGB
     # objective
     importance_samples: int = 5  # k, importance samples per image in training
     objective: str = "iwae"  # iwae: L_k bound; vae: k-sample ELBO
@@ -153,8 +155,18 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: TrainConfig, data
     restricts --dataset to the sets the rung can model (default: all of data.DATASETS)."""
     d = defaults
     a = parser.add_argument
-    a("--dataset", default=d.dataset, choices=list(datasets or data_lib.DATASETS), help=f"data set (default {d.dataset})")
+    names = list(datasets or data_lib.DATASETS)
+    folders = any(data_lib.is_folder(n) for n in names)  # rungs for 8-bit images take any image folder
+    a("--dataset", default=d.dataset, type=data_lib.dataset_arg(names, folders), metavar="DATASET",
+      help=f"data set: {', '.join(names)}" + (", or folder:PATH, a directory of images in torchvision's "
+                                              "ImageFolder layout (train/, test/, optional val/)" if folders else "")
+      + f" (default {d.dataset})")
     a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
+    if folders:
+        a("--image-size", type=int, default=None,
+          help="image folders: centre-crop and resize every image to SxS (default: 32, and the folder's images "
+               "must share one size)")
+        a("--grey", action="store_true", help="image folders: convert the images to one grey channel instead of RGB")
     a("--importance-samples", "-k", type=int, default=d.importance_samples,
       help=f"importance samples k per image in training (default {d.importance_samples})")
     a("--objective", default=d.objective, choices=["iwae", "vae"],
@@ -871,8 +883,26 @@ class Rung:
     cpu_eval_chunk: int = 1024
 
 
+def dataset_name(cfg) -> str:
+    """The data set's name in run names, result files and assets (an image folder's is built from its name)."""
+    return data_lib.dataset_info(cfg.dataset, cfg.image_size, cfg.grey).name
+
+
+def load_data(cfg, device) -> data_lib.Data:
+    return data_lib.load_data(cfg.dataset, cfg.data_dir, device, image_size=cfg.image_size, grey=cfg.grey)
+
+
+def check_dataset_identity(ckpt: dict, info: data_lib.DatasetInfo, path):
+    """An image-folder checkpoint belongs to the folder content it was trained on (content_sha256)."""
+    trained_on = ckpt.get("dataset_sha256")
+    if trained_on and trained_on != info.content_sha256:
+        raise UserError(f"checkpoint {path} was trained on an image folder with content sha256 {trained_on[:16]}..., "
+                        f"but {info.folder} has {str(info.content_sha256)[:16]}...: another set of images. Point "
+                        f"--data-dir at the folder it was trained on.")
+
+
 def run_name(rung: Rung, cfg) -> str:
-    name = f"{rung.name}_{cfg.dataset}_{cfg.objective}_k{cfg.importance_samples}"
+    name = f"{rung.name}_{dataset_name(cfg)}_{cfg.objective}_k{cfg.importance_samples}"
     if rung.run_suffix is not None:
         name += rung.run_suffix(cfg)
     name += f"_seed{cfg.seed}"
@@ -1024,7 +1054,8 @@ def _result_record(rung, cfg, name, info, summary, n_test, extra, device, wall_t
     return {
         "model": rung.name,
         "run_name": name,
-        "dataset": cfg.dataset,
+        "dataset": info.name,
+        **({"dataset_folder": info.folder, "dataset_sha256": info.content_sha256} if info.folder else {}),
         "likelihood": rung.likelihood(cfg, info),
         "latent_layers": rung.latent_layers(cfg) if rung.latent_layers else 1,
         "importance_samples": cfg.importance_samples,
@@ -1055,7 +1086,7 @@ PUBLISHED_CHECKPOINT_MAX_BYTES = 8 * 2 ** 20  # weights-only checkpoints up to t
 def weights_only_checkpoint(ckpt: dict) -> dict:
     """The evaluated weights (the EMA when there is one) with the config and training summary: all that
     --eval-only needs, without optimizer, batcher or RNG state."""
-    keep = ("format", "model_name", "run_name", "config", "git_commit", "step", "epochs", "n_skipped",
+    keep = ("format", "model_name", "run_name", "config", "dataset_sha256", "git_commit", "step", "epochs", "n_skipped",
             "best_val_bound_nats", "best_step", "train_time_s", "precision_history", "stopped_by_time_limit")
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     return {**{k: ckpt.get(k) for k in keep}, "model": weights, "ema": None, "weights_only": True}
@@ -1066,7 +1097,7 @@ def _publish_figures(cfg, figures: list[Path]):
     assets.mkdir(exist_ok=True)
     for fig in figures:  # model01_imgs.png -> assets/model01_binarized-mnist_imgs.png
         prefix, kind = fig.stem.rsplit("_", 1)
-        atomic_copy(fig, assets / f"{prefix}_{cfg.dataset}_{kind}.png")
+        atomic_copy(fig, assets / f"{prefix}_{dataset_name(cfg)}_{kind}.png")
 
 
 def _publish_checkpoint(source: Path, name: str, model_name: str):
@@ -1278,7 +1309,8 @@ def evaluate_checkpoint(rung: Rung, cfg, given: set[str], argv) -> int:
     checkpoint = Path(cfg.checkpoint).resolve()
     out_dir = Path(cfg.out_dir) if "out_dir" in given else checkpoint.parent / f"eval_{checkpoint.stem}"
     _prepare_out_dir(out_dir, dist_info, device)
-    data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
+    data = load_data(cfg, device)
+    check_dataset_identity(ckpt, data.info, cfg.checkpoint)
     model = prepare_model(rung.build_model(cfg, data.info), device)
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:
@@ -1363,7 +1395,9 @@ def train(rung: Rung, cfg, argv) -> int:
     torch.manual_seed(cfg.seed)  # every process builds the same initial weights (and EMA copy)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    data = data_lib.load_data(cfg.dataset, cfg.data_dir, device)
+    data = load_data(cfg, device)
+    if resume_state is not None:
+        check_dataset_identity(resume_state, data.info, ckpt_path)
     model = prepare_model(rung.build_model(cfg, data.info), device)
     if rung.init_from_data is not None:
         with torch.no_grad():
@@ -1445,7 +1479,7 @@ def train(rung: Rung, cfg, argv) -> int:
 
     def checkpoint_state():
         return {"format": CHECKPOINT_FORMAT, "model_name": rung.name, "run_name": name, "config": asdict(cfg),
-                "git_commit": commit,
+                "git_commit": commit, "dataset_sha256": data.info.content_sha256,
                 "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model is not None else None,
                 "optimizer": optimizer.state_dict(), "batcher": batcher.state_dict(), "rng": rng_state(),
                 "step": step, "epochs": step / batcher.steps_per_epoch,
