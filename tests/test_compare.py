@@ -325,6 +325,46 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     assert code == 2 and "do not exist" in out and npy.name in out
 
 
+def test_a_number_typed_into_readme_prose_fails_check(tmp_path, capsys):
+    """--check covers every number README shows: a generated block writes it, or the check fails with its line.
+    Names and settings (model01, L_5000, k=5, 28x28, 8-bit), code, headings and the literature section pass."""
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    clean = ("# r\n\n## Rung 1 — model01\n\nThe `model01.py` run at k=5 scores L_5000 on 28×28 8-bit images of a\n"
+             "batch-20 run (Burda et al. 2015), with `--epochs 3280`:\n\n```bash\npython model01.py --epochs 10\n```\n\n"
+             "1. a list item\n\n<!-- results:start -->\n<!-- results:end -->\n\n"
+             "## Reference numbers from the literature (not measured here)\n\n| a | -85.54 |\n")
+    readme.write_text(clean)
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 0 and "numbers in prose checked" in out, out
+    text = readme.read_text()
+    readme.write_text(text.replace("with `--epochs 3280`:", "with `--epochs 3280`, reaching -85.33 nats:"))
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 1 and "typed by hand" in out and "line 6: '85.33'" in out, out
+    assert compare.typed_numbers("## Comparison\n\nabout 0.35 nats, 12 times\n") == [
+        (3, "0.35", "about 0.35 nats, 12 times"), (3, "12", "about 0.35 nats, 12 times")]
+
+
+def test_a_sentence_block_states_a_number_from_results(published, tmp_path, capsys):
+    """<!-- sentence:NAME --> blocks are written by compare.SENTENCES[NAME] and checked like every block."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(published["result_path"], results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n\n<!-- sentence:model01-paper:start -->\n<!-- sentence:model01-paper:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    result = published["result"]
+    assert f"reaches {result['test_ll_nats']:.2f} ± {result['test_ll_stderr']:.2f} nats" in readme.read_text()
+    assert _compare(capsys, "--check", *paths)[0] == 0
+    readme.write_text("<!-- sentence:nonsense:start -->\n<!-- sentence:nonsense:end -->\n")
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 2 and "names no sentence" in out
+
+
 def test_a_gpu_row_is_redrawn_on_the_cpu_when_no_gpu_is_visible(published, tmp_path):
     """regenerate_figures.py never skips a row made on a GPU: without one it draws it on the CPU and says so."""
     import regenerate_figures
