@@ -50,7 +50,7 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags():
 
 
 def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tmp_path):
-    """A GPU session may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
+    """The GPU script may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
     job = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
@@ -68,7 +68,7 @@ def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tm
 
 def test_a_per_image_rescore_runs_until_the_published_row_has_per_image_values(monkeypatch, tmp_path):
     """A row published at S=5000 without per-image values: its S=5000 re-score is finished, its per-image re-score
-    (another out-dir) is not, until a result with them is published (by this job, or a GPU session)."""
+    (another out-dir) is not, until a result with them is published (by this job, or the GPU script)."""
     name = "model03_fashion-mnist_iwae_k5_seed0"
     first, again = campaign.rescore(name), campaign.rescore(name, per_image=True)
     assert again.name != first.name and again.command(None, None) == [
@@ -223,7 +223,7 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
 
 def test_only_runs_the_named_jobs_with_the_threads_asked_for(monkeypatch, tmp_path, capsys):
     """--only JOB --threads 2: one job given both cores to finish it; the queue's other jobs are left alone, the
-    child gets OMP_NUM_THREADS=2, and the session's record says how it ran."""
+    child gets OMP_NUM_THREADS=2, and the run's record says how it ran."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
