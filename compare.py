@@ -314,14 +314,16 @@ def results_block(results: list[dict], model: str | None, link_base: Path) -> st
     if not rows:
         return f"_No published results for {model} yet._"
     commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" + _earlier_commands(r) for r in rows)
-    return markdown_table(rows, link_base, "") + "\n\nThe commands that produced them:\n\n" + commands
+    return (markdown_table(rows, link_base, "") + "\n\nThe commands that produced them (and the run "
+            "that trained a re-scored checkpoint; every command is in the result file):\n\n" + commands)
 
 
 def _earlier_commands(r: dict) -> str:
-    """A re-scored row's earlier numbers (training.publish_result keeps them in previous_results), oldest first."""
+    """A re-scored row's earlier numbers (training.publish_result keeps them, with their commands, in
+    previous_results), oldest first; the command only of the first, the run that trained the weights."""
+    earlier = [p for p in r.get("previous_results") or [] if isinstance(p.get("test_ll_nats"), (int, float))]
     return "".join(f"; before it, L_{p.get('eval_samples')} = {p['test_ll_nats']:.2f} nats on {p.get('n_test', 0):,} "
-                   f"images from `{p.get('command', '?')}`" for p in r.get("previous_results") or []
-                   if isinstance(p.get("test_ll_nats"), (int, float)))
+                   f"images" + (f" from `{p.get('command', '?')}`" if i == 0 else "") for i, p in enumerate(earlier))
 
 
 # ----------------------------------------------------------------------------- speed (bench_*.json)

@@ -253,6 +253,8 @@ def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
     row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
     assert compare._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
+    row["previous_results"].append({"eval_samples": 5000, "n_test": 10000, "test_ll_nats": -1937.6, "command": "x"})
+    assert compare._earlier_commands(row).endswith("`python m.py`; before it, L_5000 = -1937.60 nats on 10,000 images")
     assert compare._earlier_commands({"run_name": "x", "command": "y"}) == ""
 
 
