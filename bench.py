@@ -124,7 +124,7 @@ class BenchModel:
     naive_forward: callable = naive_forward_cached_encoder  # (model, x, k) -> dict of [k, B]
 
 
-# model02/03 default to CIFAR-10; they are measured on 8-bit MNIST, which every machine here has.
+# model02/03 default to CIFAR-10; they are measured on 8-bit MNIST, which every data root of this repo holds.
 REGISTRY = {
     "model01": BenchModel("model01", "binarized-mnist", naive_forward=naive_forward_model01),
     "model02": BenchModel("model02", "mnist"),

@@ -1,19 +1,19 @@
 """campaign.py: long CPU work cut into resumable segments whose whole state is committed under campaign/.
 
-A session of this workplace lasts hours and a run that outlives it dies, so the long runs of the story
-(model01 to the paper's 3280 epochs, L_5000 re-scores of the published checkpoints) go in segments: every
-job is an ordinary `modelNN.py` command with `--segment-minutes`, whose out-dir lives in campaign/ and is
-committed after the session. A segment ends by saving the run's full state -- ckpt.pt (weights, Adam, EMA,
-data order, every RNG state) or test_eval.pt (the per-image bounds so far and the random state) -- and
-exiting 75; the next session runs the same command and continues bit for bit (tests/test_segments.py).
+For machines with a job time limit (a Slurm allocation, a preemptible instance): the long runs of the story
+(model01 to the paper's 3280 epochs, L_5000 re-scores of the published checkpoints) go in segments that each fit
+one allocation. Every job is an ordinary `modelNN.py` command with `--segment-minutes`, whose out-dir lives in
+campaign/ and is committed after the segment. A segment ends by saving the run's full state -- ckpt.pt (weights,
+Adam, EMA, data order, every RNG state) or test_eval.pt (the per-image bounds so far and the random state) -- and
+exiting 75; the next allocation runs the same command and continues bit for bit (tests/test_segments.py).
 A job that finishes publishes its result (--publish), and README's tables are regenerated.
 
     python campaign.py status                  # every job: steps, validation bound, test progress, result
-    python campaign.py status --record         # ... and append it to campaign/sessions.jsonl (run does, at start and end)
+    python campaign.py status --record         # ... and append it to campaign/history.jsonl (run does, at start and end)
     python campaign.py run --minutes 150       # the jobs in order on --lanes 2 processes of 1 thread each
     python campaign.py run --minutes 40 --lanes 1 --threads 2 --only JOB   # one job on both cores, to finish it
     python campaign.py command JOB             # one job's command line, to run or inspect by hand
-    python campaign.py history                 # the per-session report: every record of sessions.jsonl
+    python campaign.py history                 # every segment record of campaign/history.jsonl
     python campaign.py curves --every 100      # the training jobs' best validation bounds at equal epochs
 
 After `run`: commit campaign/ (and results/, assets/, checkpoints/, README.md when a job finished).
@@ -51,7 +51,7 @@ class Job:
     # --cpu-bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), where it is faster than float32; elsewhere
     # torch emulates bf16 and it is several times slower. The run's checkpoint records each segment's precision.
     bf16_where_native: bool = False
-    # a re-score is done once its checkpoint's published result is at S >= 5000, whoever published it (a GPU session),
+    # a re-score is done once its checkpoint's published result is at S >= 5000, whoever published it (the GPU script),
     # and, for a per-image job, once that result carries its per-image values (see `rescored`)
     published_result: str | None = None
     needs_per_image: bool = False
@@ -125,9 +125,9 @@ JOBS = [
     # both; it is the batch-20 run below with --init burda (same seed, schedule and precision: a paired comparison
     # of the init at batch 20, as the batch-100 pair is at batch 100). About 16 hours of one thread at the speed
     # its first segment had on the CPU with native bf16 (about 168 steps/s), more on the AVX2-only ones. It was queued last
-    # and moved before the batch-20 run's remaining epochs on 2026-12-06: by epoch 1200 the batch-20 run was 0.09
-    # nats ahead of the batch-100 run and --init burda 0.19 (`python campaign.py curves`), so the two together are
-    # the campaign's one chance at the paper's number; the batch-20 run is their pair and runs after (or beside) it.
+    # and moved before the batch-20 run's remaining epochs: by epoch 1200 the batch-20 run was 0.09 nats ahead of
+    # the batch-100 run and --init burda 0.19 (`python campaign.py curves`), so the two together are the campaign's
+    # best chance at the paper's number; the batch-20 run is their pair and runs after (or beside) it.
     Job("model01_binarized-mnist_iwae_k5_b20_initburda_seed0", "model01.py",
         ["--importance-samples", "5", "--batch-size", "20", "--epochs", "3280", "--lr-schedule", "iwae",
          "--init", "burda", "--val-every", "29500", "--checkpoint-every", "29500", "--log-every", "5000"],
@@ -148,7 +148,7 @@ JOBS = [
     # with an unpaired SE of 7.5, which says nothing (model01's paired SE was a tenth of its unpaired one). model02's
     # pair differ by 105 nats, clear already. model04 on binarized MNIST pairs with model01 (same fixed-seed test
     # binarization), but its L_5000 likely takes as long as model04 on Fashion-MNIST did (18.86 h of one CPU thread):
-    # a GPU session does all five in minutes (scripts/gpu_campaign.sh step 4 asks the same `rescored`).
+    # the GPU script does all five in minutes (scripts/gpu_campaign.sh step 4 asks the same `rescored`).
     *[rescore(checkpoint, per_image=True) for checkpoint in (
         "model03_fashion-mnist_iwae_k5_seed0", "model03_fashion-mnist_iwae_k5_unbounded_seed0",
         "model02_fashion-mnist_iwae_k5_seed0", "model02_fashion-mnist_iwae_k5_unbounded_seed0",
@@ -212,7 +212,7 @@ def _log_rows(out: Path) -> list[dict]:
 
 def _time_left(out: Path, steps_left: int) -> str:
     """The rate of the run's last finished segment (its last two segment_end records in log.jsonl; the first segment
-    counts from step 0) and the training time left at that rate: the machine changes between sessions, so the last
+    counts from step 0) and the training time left at that rate: the machine may change between segments, so the last
     segment says more about the next one than the run's average does. '' before a segment has ended."""
     ends = [r for r in _log_rows(out) if r.get("type") == "segment_end"]
     if not ends:
@@ -244,15 +244,42 @@ def _total_steps(ckpt: dict) -> int:
 
 
 def machine_description() -> str:
-    """The machine a session ran on, read from it rather than typed into --note: cores and the CPU's model name and
+    """The machine a segment ran on, read from it rather than typed into --note: cores and the CPU's model name and
     vector unit (training.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
     from training import cpu_description  # (torch's start-up only when a record is written)
     return f"{os.cpu_count()} cores, {cpu_description()}"
 
 
+HISTORY = "history.jsonl"  # one record per `campaign.py run` start and end (and per `status --record`)
+LEGACY_HISTORY = "sessions.jsonl"  # its name before; read once, migrated, then removed
+
+
+def history_path(campaign_dir: Path | None = None) -> Path:
+    """campaign/history.jsonl; campaign state written under the older name is migrated into it first."""
+    campaign_dir = campaign_dir or REPO_ROOT / CAMPAIGN_DIR
+    path, legacy = campaign_dir / HISTORY, campaign_dir / LEGACY_HISTORY
+    if legacy.exists() and not path.exists():
+        records = [migrate_record(json.loads(line)) for line in legacy.read_text().splitlines() if line.strip()]
+        tmp = path.with_name(f".{HISTORY}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+        legacy.unlink()
+        print(f"migrated {len(records)} records from {legacy.name} to {path.name} (notes kept as the command only)")
+    return path
+
+
+def migrate_record(entry: dict) -> dict:
+    """A record of the older file in the current form: date, commit, machine, at, jobs as they were; of the free-text
+    note only the command that `run` wrote at its head ("campaign.py run --minutes 80 --lanes 2")."""
+    note = entry.get("note") or ""
+    command = note.split(":", 1)[0].strip() if note.startswith("campaign.py ") else ""
+    keep = {k: entry[k] for k in ("date", "git_commit", "machine", "at") if k in entry}
+    return {**keep, "note": command, "jobs": entry.get("jobs", [])}
+
+
 def print_status(record: bool = False, note: str = "", at: str | None = None):
-    """Print every job's status; `record`: also append it to campaign/sessions.jsonl (the per-session report),
-    with `at` = "start" or "end" when `run` writes it (a record by hand has none)."""
+    """Print every job's status; `record`: also append it to campaign/history.jsonl (the segment records), with
+    `at` = "start" or "end" when `run` writes it (a record by hand has none)."""
     statuses = [job_status(job) for job in JOBS]
     for s in statuses:
         print(f"{s['job']}: {s['state']}" + (f" -- {s['detail']}" if "detail" in s else ""))
@@ -261,19 +288,19 @@ def print_status(record: bool = False, note: str = "", at: str | None = None):
                                 text=True).stdout.strip()
         entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
                  "machine": machine_description(), **({"at": at} if at else {}), "note": note, "jobs": statuses}
-        path = REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
-        path.parent.mkdir(exist_ok=True)
+        (REPO_ROOT / CAMPAIGN_DIR).mkdir(exist_ok=True)
+        path = history_path()
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         print(f"appended to {path.relative_to(REPO_ROOT)}")
 
 
 def print_history(path: Path | None = None):
-    """Every record of campaign/sessions.jsonl, oldest first: when, at which commit, the note, and each started
-    job's state (steps, best validation bound, training hours, test progress) -- the per-session report."""
-    path = path or REPO_ROOT / CAMPAIGN_DIR / "sessions.jsonl"
+    """Every record of campaign/history.jsonl, oldest first: when, at which commit, on which machine, the note, and
+    each started job's state (steps, best validation bound, training hours, test progress)."""
+    path = path or history_path()
     if not path.exists():
-        print(f"no campaign session recorded yet ({path.relative_to(REPO_ROOT)} does not exist)")
+        print(f"no campaign segment recorded yet ({path.relative_to(REPO_ROOT)} does not exist)")
         return
     for line in path.read_text().splitlines():
         entry = json.loads(line)
@@ -359,7 +386,7 @@ class Lanes:
                     continue
                 if job.name in self.claimed or job_status(job)["state"] == "finished":
                     continue
-                self.claimed.add(job.name)  # tried once per session, whether it runs here or elsewhere
+                self.claimed.add(job.name)  # tried once per run, whether it runs here or elsewhere
                 log, why_not = self._take(job)
                 if log is None:
                     print(f"[campaign] {job.name}: skipped, {why_not}", flush=True)
@@ -405,7 +432,7 @@ class Lanes:
                 cmd = job.command(round(minutes_left, 1), self.data_dir)
                 log = self.logs[job.name]
                 print(f"[lane {index}] {' '.join(cmd)}  (output: {log.name})", flush=True)
-                # a session of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice. The child
+                # a process group of its own: a Ctrl-C reaches the child once, forwarded by run(), not twice. The child
                 # shares the locked log file, so the job stays taken while it runs even if this process dies.
                 child = subprocess.Popen([sys.executable, *cmd[1:]], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "OMP_NUM_THREADS": str(self.threads),
@@ -442,8 +469,8 @@ class Lanes:
         note = (f"campaign.py run --minutes {self.minutes:g} --lanes {self.lanes}"
                 + (f" --threads {self.threads}" if self.threads != 1 else "")
                 + (f" --only {' '.join(self.only)}" if self.only else "") + (f": {self.note}" if self.note else ""))
-        # a record at the start too: a session cut off before its end (its process killed with it) still leaves
-        # its command, commit and machine in the working tree, and the next session's start record its progress
+        # a record at the start too: a run cut off before its end (its allocation ended, its process killed) still
+        # leaves its command, commit and machine in the working tree, and the next run's start record its progress
         print_status(record=True, note=note, at="start")
         print()
         threads = [threading.Thread(target=self.lane, args=(i,)) for i in range(self.lanes)]
@@ -463,10 +490,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     status = sub.add_parser("status", help="what every job has done")
-    status.add_argument("--record", action="store_true", help="append the status to campaign/sessions.jsonl")
+    status.add_argument("--record", action="store_true", help="append the status to campaign/history.jsonl")
     status.add_argument("--note", default="", help="with --record: a note for the entry (e.g. how the segments ran)")
     run = sub.add_parser("run", help="run the jobs in segments for up to --minutes")
-    run.add_argument("--minutes", type=float, required=True, help="wall-clock minutes for this session's segments")
+    run.add_argument("--minutes", type=float, required=True, help="wall-clock minutes for this run's segments (the time the machine is yours)")
     run.add_argument("--lanes", type=int, default=os.cpu_count() or 1, help="jobs at once, 1 thread each (default: cores)")
     run.add_argument("--threads", type=int, default=1,
                      help="CPU threads per job (OMP_NUM_THREADS, default 1): more to finish one job sooner, e.g. "
@@ -475,8 +502,8 @@ def main(argv=None) -> int:
                      help="run only these jobs (in queue order); default every job")
     run.add_argument("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
-    run.add_argument("--note", default="", help="a note for this session's record in sessions.jsonl (the record names the machine itself)")
-    sub.add_parser("history", help="print every session's record of campaign/sessions.jsonl")
+    run.add_argument("--note", default="", help="a note for this run's records in history.jsonl (the record names the machine itself)")
+    sub.add_parser("history", help="print every segment record of campaign/history.jsonl")
     curves = sub.add_parser("curves", help="every training job's best validation bound by epoch, side by side")
     curves.add_argument("--every", type=float, default=100, help="epochs between rows (default 100)")
     command = sub.add_parser("command", help="print one job's command line")

@@ -23,10 +23,21 @@ write prose outside them:
     <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
     <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
---check also fails when README shows an image that does not exist.
+    <!-- sentence:NAME:start --> ... <!-- sentence:NAME:end -->    a sentence with numbers, written by SENTENCES[NAME]
+The markdown files of docs/ beside README may hold the same blocks (docs/speed.md holds the speed tables): they are
+updated and checked with README, their links relative to their own folder.
 
-Exit status: 0 fine; 1 README out of date (--check); 2 bad input (unreadable or --quick results,
-unbalanced markers), reported in one paragraph.
+--check fails (exit 1) when a generated block differs from what results/ say, when README shows an image that does
+not exist, or when README's prose carries a number typed by hand. Every number README shows must come from a
+generated block; the rule, applied line by line to README.md only:
+  - not checked: generated blocks, fenced code blocks, headings (rung numbers), HTML comments, `inline code`
+    (commands, flag values, file names), link targets, and the sections whose heading says "not measured here"
+    (the literature table: other papers' numbers, quoted as citations);
+  - in what is left, a number is a run of digits (with , or . between digits). It is allowed when it is part of a
+    name or a setting: glued to a letter, digit or _ before it (model01, L_5000, z_1), after = or ^ (k=5, S=5000,
+    2^18), after a word and a hyphen (batch-20), a size AxB (28x28, 4×4), a compound word (8-bit, 1-layer), a year after "et al." (Burda et al. 2015), or
+    an ordered-list marker at the start of a line. Every other number fails the check, with its line: write it as a
+    sentence block (SENTENCES below), move it into a table block, or leave it out.
 """
 import argparse
 import ast
@@ -47,7 +58,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -242,6 +253,12 @@ COLUMNS = [  # (header, cell) in display order
     ("commit", commit_label),
 ]
 
+# the comparison at the end of README: one line per result, the full rows stand in each rung's block
+COMPARISON_COLUMNS = [c for c in COLUMNS if c[0] in ("model", "dataset", "latent layers", "training objective",
+                                                      "eval samples S", "test log-likelihood L_S (nats)", "bits/dim")]
+COMPARISON_COLUMNS.insert(2, ("p(x|z)", lambda r: r["likelihood"].split(" (")[0]))
+COMPARISON_COLUMNS.append(("device", lambda r: "CPU" if r["device_type"] == "cpu" else device_label(r)))
+
 
 # ----------------------------------------------------------------------------- tables
 
@@ -267,13 +284,13 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def markdown_table(results: list[dict], link_base: Path, empty: str) -> str:
+def markdown_table(results: list[dict], link_base: Path, empty: str, columns=COLUMNS) -> str:
     """README form: each model cell links to its result file, so every number has its source."""
     if not results:
         return empty
-    lines = ["| " + " | ".join(_md(h) for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(_md(h) for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
-        cells = [_md(cell(r)) for _, cell in COLUMNS]
+        cells = [_md(cell(r)) for _, cell in columns]
         cells[0] = f"[{cells[0]}]({_relative(r['_path'], link_base)})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -285,25 +302,28 @@ NO_RESULTS = ("_No published results yet: `results/` holds no result files. A fu
 
 def results_block(results: list[dict], model: str | None, link_base: Path) -> str:
     if model is None:
-        table = markdown_table(results, link_base, NO_RESULTS)
+        table = markdown_table(results, link_base, NO_RESULTS, COMPARISON_COLUMNS)
         if not results:
             return table
         n_cpu = sum(r["device_type"] == "cpu" for r in results)
-        cpu_note = f" {n_cpu} of them ran on a CPU (see the device column)." if n_cpu else ""
+        cpu_note = (f" {n_cpu} of them ran on a CPU; each rung's table above has the full row (steps, wall time, "
+                    f"commit)." if n_cpu else "")
         return (table + f"\n\n_Generated by `python compare.py --update-readme` from {len(results)} file"
                 f"{'s' if len(results) > 1 else ''} in `results/`.{cpu_note}_")
     rows = [r for r in results if r["model"] == model]
     if not rows:
         return f"_No published results for {model} yet._"
     commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" + _earlier_commands(r) for r in rows)
-    return markdown_table(rows, link_base, "") + "\n\nThe commands that produced them:\n\n" + commands
+    return (markdown_table(rows, link_base, "") + "\n\nThe commands that produced them (and the run "
+            "that trained a re-scored checkpoint; every command is in the result file):\n\n" + commands)
 
 
 def _earlier_commands(r: dict) -> str:
-    """A re-scored row's earlier numbers (training.publish_result keeps them in previous_results), oldest first."""
+    """A re-scored row's earlier numbers (training.publish_result keeps them, with their commands, in
+    previous_results), oldest first; the command only of the first, the run that trained the weights."""
+    earlier = [p for p in r.get("previous_results") or [] if isinstance(p.get("test_ll_nats"), (int, float))]
     return "".join(f"; before it, L_{p.get('eval_samples')} = {p['test_ll_nats']:.2f} nats on {p.get('n_test', 0):,} "
-                   f"images from `{p.get('command', '?')}`" for p in r.get("previous_results") or []
-                   if isinstance(p.get("test_ll_nats"), (int, float)))
+                   f"images" + (f" from `{p.get('command', '?')}`" if i == 0 else "") for i, p in enumerate(earlier))
 
 
 # ----------------------------------------------------------------------------- speed (bench_*.json)
@@ -445,6 +465,171 @@ def figures_block(results: list[dict], model: str, assets_dir: Path, link_base: 
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- sentences
+
+
+# Burda et al. 2015, Table 1, IWAE k=5, L_5000 (README's literature table, "not measured here"): a citation, the one
+# number a sentence takes from outside results/.
+BURDA_IWAE_K5_NATS = -85.54
+MODEL01_RUNS = {"default": "model01_binarized-mnist_iwae_k5_seed0",
+                "burda": "model01_binarized-mnist_iwae_k5_initburda_seed0",
+                "b20": "model01_binarized-mnist_iwae_k5_b20_seed0",
+                "b20 burda": "model01_binarized-mnist_iwae_k5_b20_initburda_seed0"}
+
+
+def _row(results: list[dict], run_name: str) -> dict | None:
+    return next((r for r in results if r["run_name"] == run_name), None)
+
+
+def _gap(results: list[dict], a: str, b: str) -> str | None:
+    """'+0.35 nats (paired SE 0.029)' for two published rows on the same test images, None when not both have
+    per-image values."""
+    for p in paired_comparisons([r for r in results if r["run_name"] in (a, b)]):
+        sign = 1 if p["a"]["run_name"] == a else -1
+        return f"{sign * p['diff_nats']:+.2f} nats (paired SE {p['paired_stderr']:.3f})"
+    return None
+
+
+def sentence_model01_recipe(results: list[dict]) -> str:
+    """What the initialisation and the batch size are worth, image by image, among the four model01 runs."""
+    g = {k: _gap(results, MODEL01_RUNS[a], MODEL01_RUNS[b]) for k, (a, b) in {
+        "init100": ("burda", "default"), "init20": ("b20 burda", "b20"), "batch_default": ("b20", "default"),
+        "batch_burda": ("b20 burda", "burda"), "both": ("b20 burda", "default")}.items()}
+    if any(v is None for v in g.values()):
+        return "_The four model01 runs do not all carry per-image values yet: no paired gains to state._"
+    return (f"On the same test images, `--init burda` gains {g['init100']} at batch 100 and {g['init20']} at batch 20; "
+            f"the batch of 20 gains {g['batch_default']} with PyTorch's default initialisation and {g['batch_burda']} "
+            f"with `--init burda`; both together gain {g['both']}.")
+
+
+def sentence_model01_paper(results: list[dict]) -> str:
+    """The best model01 row against the paper's IWAE k=5 number."""
+    rows = [r for r in results if r["model"] == "model01" and r["dataset"] == "binarized-mnist"]
+    if not rows:
+        return "_No model01 row on binarized-mnist yet._"
+    best = max(rows, key=lambda r: r["test_ll_nats"])
+    diff = best["test_ll_nats"] - BURDA_IWAE_K5_NATS
+    return (f"The best model01 row, `{best['run_name']}`, reaches {ll_label(best)} nats at S={best['eval_samples']:,}: "
+            f"{diff:+.2f} nats from Burda et al.'s IWAE k=5 ({BURDA_IWAE_K5_NATS:.2f}, the literature table), "
+            f"{'inside' if abs(diff) <= best['test_ll_stderr'] else 'outside'} its own standard error.")
+
+
+def _bound_sentence(model: str):
+    def sentence(results: list[dict]) -> str:
+        bounded = _row(results, f"{model}_fashion-mnist_iwae_k5_seed0")
+        unbounded = _row(results, f"{model}_fashion-mnist_iwae_k5_unbounded_seed0")
+        if bounded is None or unbounded is None:
+            return f"_The bounded and unbounded {model} rows are not both published yet._"
+        diff = bounded["test_ll_nats"] - unbounded["test_ll_nats"]
+        combined = math.hypot(bounded["test_ll_stderr"], unbounded["test_ll_stderr"])
+        same_s = bounded["eval_samples"] == unbounded["eval_samples"]
+        at = (f"both at S={bounded['eval_samples']:,}" if same_s else
+              f"at S={bounded['eval_samples']:,} and S={unbounded['eval_samples']:,}")
+        return (f"The bounded row is {diff:+.2f} nats from the unbounded one ({bounded['test_bpd']:.3f} against "
+                f"{unbounded['test_bpd']:.3f} bits/dim, {at}): {abs(diff) / combined:.1f} times their combined "
+                f"standard error ({combined:.2f} nats).")
+    sentence.__doc__ = f"{model}: the bounded row against the unbounded one."
+    return sentence
+
+
+def sentence_model04(results: list[dict]) -> str:
+    """model04 against the earlier rungs: model01's rows on binarized MNIST, the best bits/dim on Fashion-MNIST."""
+    parts = []
+    hier = _row(results, "model04_binarized-mnist_vae_k1_L6_seed0")
+    m01 = [r for r in results if r["model"] == "model01" and r["dataset"] == "binarized-mnist"]
+    if hier is not None and m01:
+        below = sum(r["test_ll_nats"] < hier["test_ll_nats"] for r in m01)
+        parts.append(f"On binarized MNIST model04 reaches {ll_label(hier)} nats after "
+                     f"{format_duration(hier.get('train_time_s', hier['wall_time_s']))} of training, above {below} of "
+                     f"the {len(m01)} model01 rows, whose training took "
+                     f"{format_duration(min(r.get('train_time_s') or 0 for r in m01))} to "
+                     f"{format_duration(max(r.get('train_time_s') or 0 for r in m01))}.")
+    fashion = {}
+    for r in results:
+        if r["dataset"] == "fashion-mnist" and r["test_bpd"] is not None:
+            if r["model"] not in fashion or r["test_bpd"] < fashion[r["model"]]["test_bpd"]:
+                fashion[r["model"]] = r
+    if "model04" in fashion and len(fashion) > 1:
+        others = "; ".join(f"{m} {r['test_bpd']:.3f}" for m, r in sorted(fashion.items()) if m != "model04")
+        parts.append(f"On Fashion-MNIST it has {fashion['model04']['test_bpd']:.3f} bits/dim (best row of each "
+                     f"earlier rung: {others}).")
+    return " ".join(parts) or "_No model04 row to compare yet._"
+
+
+SENTENCES = {
+    "model01-recipe": sentence_model01_recipe,
+    "model01-paper": sentence_model01_paper,
+    "model02-bound": _bound_sentence("model02"),
+    "model03-bound": _bound_sentence("model03"),
+    "model04": sentence_model04,
+}
+
+
+# ----------------------------------------------------------------------------- numbers in prose
+
+
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+INLINE_CODE = re.compile(r"(`+).+?\1")
+HTML_COMMENT = re.compile(r"<!--.*?-->")
+LINK_TARGET = re.compile(r"\]\([^)]*\)|https?://\S+")
+EXEMPT_HEADING = "not measured here"
+
+
+def _allowed_number(line: str, start: int, end: int) -> bool:
+    before, after = line[start - 1:start] if start else "", line[end:end + 1]
+    if before and (before.isalnum() or before in "_=^"):
+        return True  # part of a name or a setting: model01, L_5000, k=5, 2^18
+    if before == "-" and start >= 2 and line[start - 2].isalpha():
+        return True  # a compound name: batch-20, top-1
+    if re.match(r"(?:st|nd|rd|th|D)\b", line[end:]):
+        return True  # an ordinal or a dimension: 3rd, 2D
+    if after in "x×" and line[end + 1:end + 2].isdigit():
+        return True  # a size: 28x28, 4×4
+    if before in "x×" and start >= 2 and line[start - 2].isdigit():
+        return True
+    if after == "-" and line[end + 1:end + 2].isalpha():
+        return True  # a compound word: 8-bit, 1-layer
+    if re.search(r"et al\.,? $", line[:start]):
+        return True  # a citation's year
+    if not line[:start].strip() and line[end:end + 2] == ". ":
+        return True  # an ordered-list marker
+    return False
+
+
+def typed_numbers(text: str) -> list[tuple[int, str, str]]:
+    """(line number, number, the line) for every number in README's prose that no generated block wrote (the rule in
+    this module's docstring)."""
+    found, in_block, in_fence, exempt_level = [], False, False, None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        markers = list(MARKER.finditer(raw))
+        if markers:
+            in_block = markers[-1].group(3) == "start"
+            continue
+        if in_block:
+            continue
+        if stripped.startswith("```") or stripped.startswith("~~~"):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        heading = re.match(r"(#+)\s", stripped)
+        if heading:
+            level = len(heading.group(1))
+            if exempt_level is not None and level <= exempt_level:
+                exempt_level = None
+            if EXEMPT_HEADING in stripped.lower():
+                exempt_level = level
+            continue
+        if exempt_level is not None:
+            continue
+        line = LINK_TARGET.sub("]", INLINE_CODE.sub("``", HTML_COMMENT.sub("", raw)))
+        for m in NUMBER.finditer(line):
+            if not _allowed_number(line, m.start(), m.end()):
+                found.append((lineno, m.group(0), raw.strip()))
+    return found
+
+
 # ----------------------------------------------------------------------------- README
 
 
@@ -463,7 +648,10 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             if open_marker is not None:
                 raise CompareError(f"README {where(m)}: {m.group(0)} opens inside the block opened by "
                                    f"{open_marker.group(0)} ({where(open_marker)}); close that block first.")
-            if (model is not None and not (REPO_ROOT / f"{model}.py").is_file()
+            if kind == "sentence" and model not in SENTENCES:
+                raise CompareError(f"README {where(m)}: {m.group(0)} names no sentence compare.py writes; known: "
+                                   f"{', '.join(sorted(SENTENCES))}.")
+            if (model is not None and kind != "sentence" and not (REPO_ROOT / f"{model}.py").is_file()
                     and not (kind == "paired" and model in datasets)):  # (a paired block may name a data set)
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
                                    f"in {REPO_ROOT}" + (" and no published row on a data set of that name"
@@ -485,6 +673,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                                    f"<!-- {kind}:model01:start -->.")
             elif kind == "paired":
                 block = paired_block(results, model, link_base)
+            elif kind == "sentence":
+                block = SENTENCES[model](results)
             else:
                 block = figures_block(results, model, assets_dir, link_base)
             out.append("\n" + block + "\n")
@@ -518,24 +708,38 @@ def read_readme(path: Path) -> str:
     return text
 
 
-def check_readme(readme: Path, expected: str, current: str) -> int:
+def check_readme(readme: Path, expected: str, current: str, prose_rule: bool = True) -> int:
     problems = 0
     if current != expected:
         diff = list(difflib.unified_diff(current.splitlines(), expected.splitlines(),
                                          f"{readme} (as it is)", f"{readme} (as results/ say)", lineterm="", n=1))
-        print("README is out of date with results/: run `python compare.py --update-readme`.\n")
+        print(f"{readme.name} is out of date with results/: run `python compare.py --update-readme`.\n")
         print("\n".join(diff[:MAX_DIFF_LINES]))
         if len(diff) > MAX_DIFF_LINES:
             print(f"... ({len(diff) - MAX_DIFF_LINES} more diff lines)")
         problems += 1
     missing = missing_images(current, readme.parent)
     if missing:
-        print(f"README shows images that do not exist: {', '.join(missing)}. Publish or regenerate them "
+        print(f"{readme.name} shows images that do not exist: {', '.join(missing)}. Publish or regenerate them "
               f"(`python regenerate_figures.py`), or remove the links.")
         problems += 1
+    typed = typed_numbers(current) if prose_rule else []
+    if typed:
+        print(f"{readme.name} has numbers typed by hand in its prose (every number must come from a generated block; "
+              f"see `python compare.py --help` for the rule):")
+        for lineno, number, line in typed[:MAX_DIFF_LINES]:
+            print(f"  line {lineno}: {number!r} in: {line[:160]}")
+        problems += 1
     if not problems:
-        print("README agrees with results/ (generated blocks and images checked).")
+        print(f"{readme.name} agrees with results/ (generated blocks, images"
+              f"{' and numbers in prose' if prose_rule else ''} checked).")
     return 1 if problems else 0
+
+
+def docs_with_blocks(readme: Path) -> list[Path]:
+    """The markdown files of docs/ beside README that hold generated blocks."""
+    docs = readme.parent / "docs"
+    return [p for p in sorted(docs.glob("*.md")) if MARKER.search(p.read_text())] if docs.is_dir() else []
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -551,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print every two rows on the same test images compared image by image (paired SE)")
     mode.add_argument("--check", action="store_true",
                       help="exit 1 with a diff when README's generated blocks differ from what results/ say, "
-                           "or README shows a missing image")
+                           "README shows a missing image, or README's prose has a number typed by hand")
     parser.add_argument("--dataset", choices=dataset_names(), default=None,
                         help="show only results on this data set (terminal and --markdown tables only)")
     parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md",
@@ -589,20 +793,23 @@ def main(argv: list[str] | None = None) -> int:
                   else f"_No published results on {args.dataset}._")
             return 0
         current = read_readme(args.readme)
-        # bench reports are read (and must be valid) only when README has a block that shows them
+        files = [(args.readme, current)] + [(p, p.read_text()) for p in docs_with_blocks(args.readme)]
+        # bench reports are read (and must be valid) only when a file has a block that shows them
         benches = (load_benches(args.results_dir or REPO_ROOT / "results")
-                   if "<!-- bench:start -->" in current or "<!-- bench-eval:start -->" in current else [])
-        expected = render_readme(current, results, assets_dir, args.readme.parent, benches)
-        if args.check:
-            return check_readme(args.readme, expected, current)
-        if expected == current:
-            print(f"{args.readme} is already up to date ({len(results)} results).")
-        else:
-            tmp = args.readme.with_name(f".{args.readme.name}.tmp{os.getpid()}")
-            tmp.write_text(expected)
-            os.replace(tmp, args.readme)
-            print(f"updated the generated blocks of {args.readme} from {len(results)} results.")
-        return 0
+                   if any("<!-- bench" in text for _, text in files) else [])
+        status = 0
+        for path, text in files:
+            expected = render_readme(text, results, assets_dir, path.parent, benches)
+            if args.check:
+                status = max(status, check_readme(path, expected, text, prose_rule=path == args.readme))
+            elif expected == text:
+                print(f"{path} is already up to date ({len(results)} results).")
+            else:
+                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                tmp.write_text(expected)
+                os.replace(tmp, path)
+                print(f"updated the generated blocks of {path} from {len(results)} results.")
+        return status
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

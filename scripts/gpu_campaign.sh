@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# gpu_campaign.sh: the whole GPU campaign as ONE command, for a lent NVIDIA H100/H200 (the `device`
-# tool), sized for ~12 minutes of GPU wall time; plus a CPU rehearsal of every code path (--dry-run).
+# gpu_campaign.sh: the whole GPU campaign as ONE command, for a machine with a GPU (H100/H200 class) for a limited
+# time, sized for ~12 minutes of GPU wall time; plus a CPU rehearsal of every code path (--dry-run).
 #
 # ---------------------------------------------------------------------------------------------------- how to run
 # Here (once per data change; idempotent):   bash scripts/prepare_gpu_data.sh
@@ -9,14 +9,12 @@
 # Rehearsal here (CPU, ~2 minutes on 1 busy core, changes no tracked file: it publishes into a scratch copy of the
 # repo; its last re-score is forced PARTIAL on purpose, to exercise that path):
 #     OMP_NUM_THREADS=1 bash scripts/gpu_campaign.sh --dry-run --out /tmp/gpu_rehearsal
-# On the GPU: the `device` tool's run, with
-#     command:   bash scripts/gpu_campaign.sh --data devdata --commit <the value prepare_gpu_data.sh printed>
-#     carry:     ["devdata"]
-#     timeout_s: 780          (the script stops itself after --budget-s 720 s and packs; 60 s of slack)
-# then give_back at once (idle time counts). The device has 15 minutes in all, machine start included, so run it
-# as the first call of a fresh lease; ask `status` first, and when budget_left_s B is under 900 pass
-# --budget-s $((B - 180)) and timeout_s B - 120 (a cut-off run still brings back every step packed before it).
-# What comes back ($OUT, 5 files, each well under 16 MiB, nothing below $OUT/):
+# On the GPU machine, in a copy of the working tree with devdata/ beside it (the job's time limit a few minutes
+# above the budget):
+#     OUT=/path/to/results bash scripts/gpu_campaign.sh --data devdata --commit <the value prepare_gpu_data.sh printed>
+# The script stops itself after --budget-s 720 s and packs; with less time, pass --budget-s a few minutes under the
+# job's limit (a cut-off run still brings back every step packed before it).
+# What it leaves in $OUT (5 files, each well under 16 MiB, nothing below $OUT/), to copy back:
 #     SUMMARY.txt      one line per step and job (OK / PARTIAL / FAILED / SKIPPED, seconds, detail) + the numbers
 #     campaign.log     this script's own output (a FAILED line names the step and shows its log's tail)
 #     bench_<gpu>.json the benchmark report (also inside publish.tar.gz as results/bench_<gpu>.json)
@@ -24,8 +22,8 @@
 #                      changed in the device's copy of the repo, repo-relative, + gpu_campaign_manifest.txt
 #     runs.tar.gz      the run directories (config, log.jsonl, result.json, figures; no ckpt.pt/best.pt, but any
 #                      partial test_eval.pt), every step's full log, status files, the environment probe
-# Back here:  bash scripts/gpu_campaign_unpack.sh <files_at folder of the reply>            # stage + compare
-#             bash scripts/gpu_campaign_unpack.sh <files_at folder> --apply                  # then publish
+# Back here:  bash scripts/gpu_campaign_unpack.sh <the copied $OUT folder>                  # stage + compare
+#             bash scripts/gpu_campaign_unpack.sh <the copied $OUT folder> --apply          # then publish
 # (unpacks into runs/gpu_campaign/<time>/, prints old vs new for every result, and with --apply copies the
 # results/assets/checkpoints worth keeping into the repo and runs `python compare.py --update-readme`; see its
 # header for the rules: a re-score never replaces a larger evaluation, a new training run replaces only a worse
@@ -75,8 +73,8 @@
 #   --data DIR         carried data: devdata/ from prepare_gpu_data.sh (xz + MANIFEST.tsv), or a plain torchvision
 #                      data root (*.gz), used in place (default ./devdata)
 #   --commit SHA       the commit (+"-dirty") the sent tree is at, recorded in the manifest (the device's copy
-#                      may have no .git -- every result.json then says git_commit "unknown" -- or a stale one, as on
-#                      2026-12-04: "<the session's first commit>-dirty"; the unpack script puts this value in)
+#                      may have no .git -- every result.json then says git_commit "unknown" -- or a stale one, an
+#                      older commit + "-dirty"; the unpack script puts this value in)
 #   --budget-s N       total seconds (default 720; dry-run 1800)
 #   --steps LIST       comma-separated subset of 1,2,3,4 (default 1,2,4: step 3 is opt-in since the CPU campaign
 #                      published model01 after the whole 3280-epoch schedule, which ~6 GPU minutes at batch 100 cannot

@@ -4,7 +4,7 @@
 #     bash scripts/gpu_campaign_unpack.sh FILES_DIR                 # stage + compare, changes nothing tracked
 #     bash scripts/gpu_campaign_unpack.sh FILES_DIR --apply         # + copy what is worth keeping, update README
 #
-# FILES_DIR: the folder holding SUMMARY.txt, publish.tar.gz, runs.tar.gz, ... (the device reply's files_at, or
+# FILES_DIR: the folder holding SUMMARY.txt, publish.tar.gz, runs.tar.gz, ... (the GPU machine's $OUT, copied back, or
 # a rehearsal's --out). Options:
 #   --stage DIR      where to unpack (default runs/gpu_campaign/<UTC time>/, git-ignored)
 #   --repo DIR       the repo to apply to (default this script's repo; a scratch copy to try it out)
@@ -108,9 +108,8 @@ for rel in sorted(changed):
         print(f"{rel:58} unreadable, skipped")
         continue
     if stamp and commit and new.get("git_commit") != commit:
-        # The device's copy may have no .git ("unknown") or a stale one: on 2026-12-04 it held the .git of the
-        # checkout as the session began, so every result said "<that commit>-dirty" while the tree sent was
-        # --commit. The campaign's --commit names the code that ran; the device's own view is kept beside it.
+        # The device's copy may have no .git ("unknown") or a stale one (the .git of an older checkout), so every
+        # result says "<that commit>-dirty" while the tree sent was --commit. The campaign's --commit names the code that ran; the device's own view is kept beside it.
         device_view = new.get("git_commit")
         new["git_commit"] = commit
         new["device_git_commit"] = device_view

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # prepare_gpu_data.sh: copy exactly the data files scripts/gpu_campaign.sh needs into ./devdata (the git-ignored
-# folder a `device` call carries), print its size and the size of everything that would travel, and fail when
-# either is over budget.
+# folder that travels to the GPU machine beside the working tree), print its size and the size of everything that
+# would travel, and fail when either is over budget (64 MiB by default: small enough to send with the job).
 #
 #     bash scripts/prepare_gpu_data.sh                      # from ../shared/data (or $VAE_DATA_DIR) into ./devdata
 #     bash scripts/prepare_gpu_data.sh --src DIR --dest DIR --max-mib 35 --format xz|gz
@@ -115,7 +115,7 @@ DATA_BYTES=$(du -sb "$DEST" | cut -f1)
 DATA_MIB=$(awk -v b="$DATA_BYTES" 'BEGIN { printf "%.2f", b / 1048576 }')
 echo "devdata: $DATA_MIB MiB ($DATA_BYTES bytes) in $DEST"
 
-# what a device call sends: tracked + untracked-not-ignored files (what exists now), plus the carried folder
+# what travels to the GPU machine: tracked + untracked-not-ignored files (what exists now), plus devdata/
 if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
   TREE_BYTES=$(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | "$PY" -c '
 import os, sys
@@ -141,4 +141,4 @@ if awk -v t="$DATA_MIB" -v m="$MAX_MIB" 'BEGIN { exit !(t > m) }'; then
   echo "FAILED: devdata is $DATA_MIB MiB, over the budget of $MAX_MIB MiB (--max-mib)" >&2
   exit 1
 fi
-echo "OK: carry [\"$(basename "$DEST")\"]"
+echo "OK: send $(basename "$DEST")/ with the working tree"

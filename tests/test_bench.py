@@ -106,7 +106,7 @@ SMALL = {"hidden": 16, "width": 8, "features": 32, "latent_layers": 3, "encoder_
 @pytest.mark.parametrize("name", bench.available_models())
 def test_every_registry_entry_has_a_faithful_naive_forward(name, no_validation):
     """Each rung's naive forward equals its real forward for one sample (same noise), returns [k, B]
-    for k samples, and leaves the model as it was (the encoder is only borrowed)."""
+    for k samples, and leaves the model as it was (the encoder is used, then put back)."""
     spec = bench.REGISTRY[name]
     rung = importlib.import_module(spec.script).RUNG
     info = data_lib.DATASETS[spec.dataset]
@@ -127,7 +127,7 @@ def test_every_registry_entry_has_a_faithful_naive_forward(name, no_validation):
     three = spec.naive_forward(model, x, 3)
     assert all(three[key].shape == (3, 2) for key in ("log_px_z", "log_pz", "log_qz"))
     torch.manual_seed(3)
-    again = model(x, 1)  # the borrowed encoder is back
+    again = model(x, 1)  # the encoder is back
     torch.testing.assert_close(again["log_px_z"], ours["log_px_z"])
 
 

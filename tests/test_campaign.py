@@ -50,7 +50,7 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags():
 
 
 def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tmp_path):
-    """A GPU session may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
+    """The GPU script may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
     job = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
@@ -68,7 +68,7 @@ def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tm
 
 def test_a_per_image_rescore_runs_until_the_published_row_has_per_image_values(monkeypatch, tmp_path):
     """A row published at S=5000 without per-image values: its S=5000 re-score is finished, its per-image re-score
-    (another out-dir) is not, until a result with them is published (by this job, or a GPU session)."""
+    (another out-dir) is not, until a result with them is published (by this job, or the GPU script)."""
     name = "model03_fashion-mnist_iwae_k5_seed0"
     first, again = campaign.rescore(name), campaign.rescore(name, per_image=True)
     assert again.name != first.name and again.command(None, None) == [
@@ -118,15 +118,15 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     assert status["state"] == "finished" and f"{result['test_ll_nats']:.2f}" in status["detail"]
 
     campaign.print_status(record=True, note="test")
-    entry = json.loads((tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()[-1])
+    entry = json.loads((tmp_path / "campaign" / "history.jsonl").read_text().splitlines()[-1])
     assert entry["note"] == "test" and entry["jobs"] == [status]
     assert entry["machine"] == f"{os.cpu_count()} cores, {training.cpu_description()}"
     assert training.device_name(torch.device("cpu")).startswith(f"CPU ({training.cpu_description()}, ")
 
 
-def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
+def test_run_continues_a_job_across_runs_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
     """`campaign.py run` end to end, in a copy of the code (its --publish writes into the copy's results/): a first
-    session whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one finishes it."""
+    run whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one finishes it."""
     for name in ("model01.py", "training.py", "data.py", "distributions.py", "layers.py", "compare.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     small = [a for a in SEGMENTED[:SEGMENTED.index("--segment-minutes")] if a != "--device" and a != "cpu"]
@@ -149,11 +149,11 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     assert campaign.job_status(job)["state"] == "finished"
     published = json.loads((tmp_path / "results" / f"{job.name}.json").read_text())
     assert "--segment-minutes" in published["command"] and published["steps"] == 40
-    sessions = [json.loads(line) for line in (tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()]
-    # each run records its start and its end: a session cut off mid-run still leaves its start record
-    assert [(s["at"], s["jobs"][0]["state"]) for s in sessions] == [
+    records = [json.loads(line) for line in (tmp_path / "campaign" / "history.jsonl").read_text().splitlines()]
+    # each run records its start and its end: a run cut off mid-way (its time limit) still leaves its start record
+    assert [(s["at"], s["jobs"][0]["state"]) for s in records] == [
         ("start", "not started"), ("end", "training"), ("start", "training"), ("end", "finished")]
-    assert sessions[0]["note"] == sessions[1]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
+    assert records[0]["note"] == records[1]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
     capsys.readouterr()
     campaign.print_history()
     report = capsys.readouterr().out.splitlines()
@@ -165,7 +165,7 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
 
 
 def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path, capsys):
-    """Two `campaign.py run` at once (two shells, a session that did not see the other) must not run one job
+    """Two `campaign.py run` at once (two shells, one that did not see the other) must not run one job
     twice: the first holds a lock on the job's log file while it runs it, and a job whose out-dir a process
     holds (a command started by hand) is skipped too. The next free job is taken instead."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
@@ -174,7 +174,7 @@ def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path,
     one = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
     assert one.next_job() is first
     other = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
-    assert other.next_job() is second and other.next_job() is None  # each tried once per session
+    assert other.next_job() is second and other.next_job() is None  # each tried once per run
     assert f"{first.name}: skipped, another campaign.py run is running it" in capsys.readouterr().out
 
     one.release(first)
@@ -223,7 +223,7 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
 
 def test_only_runs_the_named_jobs_with_the_threads_asked_for(monkeypatch, tmp_path, capsys):
     """--only JOB --threads 2: one job given both cores to finish it; the queue's other jobs are left alone, the
-    child gets OMP_NUM_THREADS=2, and the session's record says how it ran."""
+    child gets OMP_NUM_THREADS=2, and the run's record says how it ran."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
@@ -309,3 +309,31 @@ def test_status_gives_the_last_segments_rate_and_the_time_left_at_it(monkeypatch
         else:
             rate = float(expected.split("(")[1].split()[0])
             assert f"; {expected}: 8,100 steps left, about {8100 / rate / 3600:.1f} h at that rate" in detail, detail
+
+
+def test_records_under_the_older_file_name_are_migrated_once(monkeypatch, tmp_path, capsys):
+    """Campaign state written before campaign/history.jsonl had its name stays readable: the first read or record
+    moves the records over (date, commit, machine, at, jobs as they were; of a note only the command `run` wrote
+    at its head) and removes the old file; the next record is appended after them."""
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [])
+    monkeypatch.setattr(campaign, "machine_description", lambda: "2 cores, test CPU")
+    (tmp_path / "campaign").mkdir()
+    job = {"job": "a", "state": "training", "detail": "step 10/40"}
+    old = [{"date": "2020-01-01T00:00:00Z", "git_commit": "abc1234", "note": "free text about the run", "jobs": [job]},
+           {"date": "2020-01-02T00:00:00Z", "git_commit": "def5678", "machine": "2 cores, test CPU", "at": "start",
+            "note": "campaign.py run --minutes 80 --lanes 2: free text", "jobs": [job]}]
+    legacy = tmp_path / "campaign" / campaign.LEGACY_HISTORY
+    legacy.write_text("".join(json.dumps(r) + "\n" for r in old))
+    campaign.print_history()
+    out = capsys.readouterr().out
+    assert "migrated 2 records" in out and "free text" not in out
+    assert "2020-01-02T00:00:00Z  commit def5678  [2 cores, test CPU]  (start of the run)  campaign.py run --minutes 80 --lanes 2" in out
+    assert not legacy.exists()
+    records = [json.loads(line) for line in (tmp_path / "campaign" / "history.jsonl").read_text().splitlines()]
+    assert records == [{"date": "2020-01-01T00:00:00Z", "git_commit": "abc1234", "note": "", "jobs": [job]},
+                       {"date": "2020-01-02T00:00:00Z", "git_commit": "def5678", "machine": "2 cores, test CPU",
+                        "at": "start", "note": "campaign.py run --minutes 80 --lanes 2", "jobs": [job]}]
+    campaign.print_status(record=True, note="by hand")
+    lines = (tmp_path / "campaign" / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["note"] == "by hand" and not legacy.exists()

@@ -253,6 +253,8 @@ def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
     row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
     assert compare._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
+    row["previous_results"].append({"eval_samples": 5000, "n_test": 10000, "test_ll_nats": -1937.6, "command": "x"})
+    assert compare._earlier_commands(row).endswith("`python m.py`; before it, L_5000 = -1937.60 nats on 10,000 images")
     assert compare._earlier_commands({"run_name": "x", "command": "y"}) == ""
 
 
@@ -323,3 +325,103 @@ def test_rows_on_the_same_images_are_compared_image_by_image(published, tmp_path
     npy.unlink()
     code, out = _compare(capsys, "--check", *paths)
     assert code == 2 and "do not exist" in out and npy.name in out
+
+
+def test_a_number_typed_into_readme_prose_fails_check(tmp_path, capsys):
+    """--check covers every number README shows: a generated block writes it, or the check fails with its line.
+    Names and settings (model01, L_5000, k=5, 28x28, 8-bit), code, headings and the literature section pass."""
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    clean = ("# r\n\n## Rung 1 — model01\n\nThe `model01.py` run at k=5 scores L_5000 on 28×28 8-bit images of a\n"
+             "batch-20 run (Burda et al. 2015), with `--epochs 3280`:\n\n```bash\npython model01.py --epochs 10\n```\n\n"
+             "1. a list item\n\n<!-- results:start -->\n<!-- results:end -->\n\n"
+             "## Reference numbers from the literature (not measured here)\n\n| a | -85.54 |\n")
+    readme.write_text(clean)
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 0 and "numbers in prose checked" in out, out
+    text = readme.read_text()
+    readme.write_text(text.replace("with `--epochs 3280`:", "with `--epochs 3280`, reaching -85.33 nats:"))
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 1 and "typed by hand" in out and "line 6: '85.33'" in out, out
+    assert compare.typed_numbers("## Comparison\n\nabout 0.35 nats, 12 times\n") == [
+        (3, "0.35", "about 0.35 nats, 12 times"), (3, "12", "about 0.35 nats, 12 times")]
+
+
+def test_a_sentence_block_states_a_number_from_results(published, tmp_path, capsys):
+    """<!-- sentence:NAME --> blocks are written by compare.SENTENCES[NAME] and checked like every block."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(published["result_path"], results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n\n<!-- sentence:model01-paper:start -->\n<!-- sentence:model01-paper:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    result = published["result"]
+    assert f"reaches {result['test_ll_nats']:.2f} ± {result['test_ll_stderr']:.2f} nats" in readme.read_text()
+    assert _compare(capsys, "--check", *paths)[0] == 0
+    readme.write_text("<!-- sentence:nonsense:start -->\n<!-- sentence:nonsense:end -->\n")
+    code, out = _compare(capsys, "--check", *paths)
+    assert code == 2 and "names no sentence" in out
+
+
+def test_a_gpu_row_is_redrawn_on_the_cpu_when_no_gpu_is_visible(published, tmp_path):
+    """regenerate_figures.py never skips a row made on a GPU: without one it draws it on the CPU and says so."""
+    import regenerate_figures
+
+    gpu_row = {"run_name": "r", "device_type": "cuda"}
+    assert regenerate_figures.draw_device(gpu_row, "result", lambda: True) == ("cuda", None)
+    device, why = regenerate_figures.draw_device(gpu_row, "result", lambda: False)
+    assert device == "cpu" and why.startswith("r: made on CUDA, redrawn on CPU")
+    assert regenerate_figures.draw_device({"run_name": "c", "device_type": "cpu"}, "result", lambda: False) == ("cpu", None)
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the end-to-end CPU fallback needs a machine without one")
+    repo, result = published["repo"], published["result"]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / published["result_path"].name).write_text(json.dumps({**result, "device_type": "cuda"}))
+    out_dir = tmp_path / "redrawn"
+    proc = run_script(repo / "regenerate_figures.py", "--results-dir", results, "--out-dir", out_dir,
+                      "--data-dir", published["data_dir"], cwd=repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{result['run_name']}: made on CUDA, redrawn on CPU" in proc.stdout
+    assert "redrew the figures of 1 of 1 results" in proc.stdout
+    assert (out_dir / result["run_name"] / "model01_samples.png").is_file()
+
+
+def test_curves_are_drawn_from_a_log_into_a_fixed_size_png(tmp_path):
+    """--curves: validation bound against epochs and hours, one PNG per data set, the same bytes every time; a run
+    without a log is named; the gap between two segments is not counted as training time."""
+    import regenerate_figures
+    from PIL import Image
+
+    results, logs, assets = tmp_path / "results", tmp_path / "runs", tmp_path / "assets"
+    results.mkdir()
+    for name in ("model01_binarized-mnist_iwae_k5_seed7", "model04_binarized-mnist_vae_k1_L6_seed7"):
+        (results / f"{name}.json").write_text(json.dumps({"run_name": name, "model": name[:7], "quick": False,
+                                                          "dataset": "binarized-mnist", "steps": 400, "epochs": 4.0}))
+    records = [{"type": "config", "time": 0.0, "step": 0}]
+    records += [{"type": "val", "time": 360.0 * i, "step": 50 * i, "val_bound_nats": -100 + i} for i in range(1, 5)]
+    records += [{"type": "segment_end", "time": 1500.0, "step": 200},
+                {"type": "resume", "time": 90000.0, "step": 200}]  # a day between the two segments
+    records += [{"type": "val", "time": 90000.0 + 360 * i, "step": 200 + 50 * i, "val_bound_nats": -96 + i}
+                for i in range(1, 5)]
+    (logs / "model01_binarized-mnist_iwae_k5_seed7").mkdir(parents=True)
+    (logs / "model01_binarized-mnist_iwae_k5_seed7" / "log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    points = regenerate_figures.validation_points(logs / "model01_binarized-mnist_iwae_k5_seed7" / "log.jsonl", 100.0)
+    assert points[0] == (0.5, 0.1, -99) and points[-1][0] == 4.0 and points[-1][1] == pytest.approx(1500 / 3600 + 0.4)
+
+    argv = ["--curves", "--results-dir", results, "--log-dirs", logs, "--assets-dir", assets]
+    proc = run_script(ROOT / "regenerate_figures.py", *argv)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "model04_binarized-mnist_vae_k1_L6_seed7: no log in the tree" in proc.stdout
+    png = assets / "curves_binarized-mnist.png"
+    assert Image.open(png).size == (1100, 420)
+    first = png.read_bytes()
+    assert run_script(ROOT / "regenerate_figures.py", *argv).returncode == 0
+    assert png.read_bytes() == first

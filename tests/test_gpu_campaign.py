@@ -1,7 +1,7 @@
 """scripts/gpu_campaign.sh --dry-run: the GPU campaign's every step (quick runs of every rung incl. --compile and
 torchrun, bench, model01 with L_S, the re-scores of every published checkpoint, one forced PARTIAL, the packing of
-$OUT) rehearsed on the CPU at tiny sizes, so the one prepared device script cannot rot unnoticed between the
-sessions that are lent a GPU. It must leave the repo's published files untouched."""
+$OUT) rehearsed on the CPU at tiny sizes, so the one script for a machine with a GPU for a limited time cannot rot
+unnoticed between the times a GPU is at hand. It must leave the repo's published files untouched."""
 import hashlib
 import subprocess
 
@@ -64,8 +64,8 @@ def _pack_and_unpack(pub, repo, tmp_path):
 
 
 def test_unpack_stamps_the_campaign_commit_over_the_devices_stale_git(tmp_path):
-    """The device's copy of the repo can carry a stale .git (seen: the session's first commit + "-dirty" in every
-    result while the tree sent was a later commit). The unpack script must record the campaign's --commit, keep
+    """The device's copy of the repo can carry a stale .git (an older commit + "-dirty" in every result while the
+    tree sent was a later commit). The unpack script must record the campaign's --commit, keep
     the device's view beside it, and restamp that campaign's evaluation segments only."""
     import json
     import shutil
