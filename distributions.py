@@ -599,16 +599,18 @@ def num_coupling_coefficients(num_channels: int) -> int:
     return num_channels * (num_channels - 1) // 2
 
 
-def num_mixture_params(num_channels: int, num_components: int) -> int:
+def num_mixture_params(num_channels: int, num_components: int, rgb_coupling: bool = True) -> int:
     """Decoder output channels P needed by `mixture_from_decoder_output`:
 
         P = K * (1 + 2 C + C (C - 1) / 2)
             (one mixture logit, a location and a log-scale per channel, and the coupling
-            coefficients, per component), so P = 10 K for RGB (C = 3) and P = 3 K for grey (C = 1).
+            coefficients, per component), so P = 10 K for RGB (C = 3) and P = 3 K for grey (C = 1);
+        P = K * (1 + 2 C) without the coupling (channels independent given the component).
     """
     if num_channels < 1 or num_components < 1:
         raise ValueError(f"need num_channels >= 1 and num_components >= 1, got {num_channels}, {num_components}")
-    return num_components * (1 + 2 * num_channels + num_coupling_coefficients(num_channels))
+    coupling = num_coupling_coefficients(num_channels) if rgb_coupling else 0
+    return num_components * (1 + 2 * num_channels + coupling)
 
 
 def _coupling_index(channel: int, earlier_channel: int) -> int:
@@ -773,23 +775,30 @@ class MixtureOfDiscretizedLogistics(_EightBitValueChecks, Distribution):
 
 
 def mixture_from_decoder_output(raw: torch.Tensor, num_channels: int, num_components: int,
-                                min_log_scale: float | None = -7.0,
+                                min_log_scale: float | None = -7.0, rgb_coupling: bool = True,
                                 validate_args=None) -> MixtureOfDiscretizedLogistics:
-    """Decoder output [..., P, H, W], P = num_mixture_params(C, K), -> MixtureOfDiscretizedLogistics.
+    """Decoder output [..., P, H, W], P = num_mixture_params(C, K, rgb_coupling), -> MixtureOfDiscretizedLogistics.
 
     Channel layout of P (K components, C image channels), component-major within each block:
         [0, K)                       logits                      (k)
         [K, K + KC)                  locations, used as-is       (k * C + c)
         [K + KC, K + 2KC)            log-scales, floored         (k * C + c)
         [K + 2KC, P)                 raw coupling, tanh'd        (k * C(C-1)/2 + i), i: G<-R, B<-R, B<-G
+    Without rgb_coupling the last block is absent and the coupling is 0: channels are independent given
+    the component (the ablation of the autoregression over RGB; identical to it for C = 1).
     """
-    expected = num_mixture_params(num_channels, num_components)
+    expected = num_mixture_params(num_channels, num_components, rgb_coupling)
     if raw.dim() < 3 or raw.shape[-3] != expected:
         raise ValueError(f"decoder output must be [..., P={expected}, H, W] for C={num_channels}, "
-                         f"K={num_components} (P = K * (1 + 2C + C(C-1)/2)), got {tuple(raw.shape)}")
+                         f"K={num_components} (P = K * (1 + 2C{' + C(C-1)/2' if rgb_coupling else ''})), "
+                         f"got {tuple(raw.shape)}")
     lead, (height, width) = raw.shape[:-3], raw.shape[-2:]
     K, C, num_coupling = num_components, num_channels, num_coupling_coefficients(num_channels)
-    logits, loc, log_scale, raw_coupling = torch.split(raw, [K, K * C, K * C, K * num_coupling], dim=-3)
+    if rgb_coupling:
+        logits, loc, log_scale, raw_coupling = torch.split(raw, [K, K * C, K * C, K * num_coupling], dim=-3)
+    else:
+        logits, loc, log_scale = torch.split(raw, [K, K * C, K * C], dim=-3)
+        raw_coupling = raw.new_zeros(lead + (K * num_coupling, height, width))  # tanh(0) = 0: no coupling
     return MixtureOfDiscretizedLogistics(
         logits,
         loc.reshape(lead + (K, C, height, width)),  # [..., K*C, H, W] -> [..., K, C, H, W]

@@ -42,6 +42,12 @@ collapsed layer shows.
     python model04.py                                                 # binarized MNIST, CUDA if present
     python model04.py --dataset fashion-mnist                         # 8-bit: mixture of logistics
     python model04.py --quick --data-dir ../shared/data               # about a minute on 2 CPU cores
+    python model04.py --dataset cifar10-jpeg --data-dir ../shared/data  # colour: MoDL with RGB coupling
+    python model04.py --dataset cifar10-jpeg --no-rgb-coupling --mixture-components 1   # the ablations of p(x|z)
+
+Figures: test images, reconstructions, prior samples at temperature 1 and --sample-temperature, and
+`layers`: what each stochastic layer encodes (a row per layer, top first: that layer resampled from its
+prior, the layers above fixed to one draw, the layers below at their prior means).
 """
 import argparse
 import math
@@ -71,6 +77,7 @@ class Config(training.TrainConfig):
     dataset: str = "binarized-mnist"  # dynamic binarization, as model01
     likelihood: str | None = None  # None: bernoulli for binary data sets, logistic-mixture for 8-bit ones
     mixture_components: int = 10  # K of the logistic mixture (PixelCNN++ used 10 for CIFAR-10)
+    rgb_coupling: bool = True  # a channel's location depends on the pixel's earlier channels (PixelCNN++)
     min_log_scale: float = -7.0  # floor of the mixture's log-scales (pixel units; 1 bin = 1/255 ~ e^-5.5)
     latent_layers: int = 6  # L stochastic layers, spread over the resolutions (coarsest first)
     downsamplings: int = 3  # latent resolutions H/2 ... H/2^D: 14, 7, 4 for MNIST; 16, 8, 4 for 32x32
@@ -206,6 +213,7 @@ class HierarchicalVAE(nn.Module):
         self.image_shape = info.shape  # (C, H, W)
         self.likelihood_name = cfg.likelihood or default_likelihood(cfg.dataset)
         self.mixture_components = cfg.mixture_components
+        self.rgb_coupling = cfg.rgb_coupling
         self.min_log_scale = cfg.min_log_scale
         self.analytic_kl_in_training = cfg.analytic_kl and (cfg.importance_samples == 1 or cfg.objective == "vae")
         self.sample_temperature = cfg.sample_temperature
@@ -230,7 +238,7 @@ class HierarchicalVAE(nn.Module):
         if self.likelihood_name == "bernoulli":
             out_channels = channels  # one logit per pixel
         else:
-            out_channels = num_mixture_params(channels, cfg.mixture_components)
+            out_channels = num_mixture_params(channels, cfg.mixture_components, cfg.rgb_coupling)
         self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(w, w // 2 or 1, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(w // 2 or 1, out_channels, 1))
         self.to(memory_format=torch.channels_last)  # on every device (as training.prepare_model does)
@@ -250,11 +258,18 @@ class HierarchicalVAE(nn.Module):
         """Top-down on k*batch rows -> (final state [k*batch, w, H/2, W/2], [(prior, posterior, z)] per layer,
         top first). features None: every z_l ~ p(z_l | z_<l) at `temperature`, else z_l ~ q."""
         h = self.top_state.expand(k * batch, *self.top_state.shape[1:])
+        return self.top_down_layers(h, range(len(self.layers)), k, features, [temperature] * len(self.layers))
+
+    def top_down_layers(self, h, indices, k: int, features, temperatures: list[float]):
+        """Layers `indices` (in order) of the top-down pass from state h; temperature 0 puts a prior layer at
+        its mean (z = mu_p + 0 * sigma_p * eps)."""
         per_layer = []
-        for layer, d in zip(self.layers, self.layer_resolution):
+        for i in indices:
+            d = self.layer_resolution[i]
             if tuple(h.shape[-2:]) != self.resolutions[d]:
                 h = upsample_to(h, self.resolutions[d])
-            h, prior, posterior, z = layer(h, k, None if features is None else features[d - 1], temperature)
+            h, prior, posterior, z = self.layers[i](h, k, None if features is None else features[d - 1],
+                                                    temperatures[i])
             per_layer.append((prior, posterior, z))
         return h, per_layer
 
@@ -263,7 +278,8 @@ class HierarchicalVAE(nn.Module):
         raw = unmerge_samples(self.head(upsample_to(h, self.resolutions[0])), k)  # [k, B, P, H, W]
         if self.likelihood_name == "bernoulli":
             return bernoulli_likelihood(raw)
-        return mixture_from_decoder_output(raw, self.image_shape[0], self.mixture_components, self.min_log_scale)
+        return mixture_from_decoder_output(raw, self.image_shape[0], self.mixture_components, self.min_log_scale,
+                                           self.rgb_coupling)
 
     # --- the model contract of training.py
     def forward(self, x, k: int, analytic_kl: bool | None = None):
@@ -307,9 +323,32 @@ class HierarchicalVAE(nn.Module):
         return self._pixel_mean(self.pixel_distribution(h, 1))
 
     @torch.no_grad()
+    def layer_samples(self, columns: int = 8) -> torch.Tensor:
+        """What each layer encodes (as in LVAE's and ladder-vae-pytorch's figure): one draw of the whole prior
+        chain z_1..z_L; row l keeps z_1..z_(l-1) of that draw, resamples z_l from p(z_l | z_<l) in every
+        column, and puts the layers below at their prior means. -> means of p(x|z) [L * columns, C, H, W],
+        row 1 (the top layer) first: what varies along a row is what layer l decides."""
+        num_layers = len(self.layers)
+        h = self.top_state.expand(1, *self.top_state.shape[1:])
+        states = []  # the chain's state before each layer, [1, w, r, r]
+        for i in range(num_layers):
+            states.append(h)
+            h, _ = self.top_down_layers(h, [i], 1, None, [1.0] * num_layers)
+        rows = []
+        for i, state in enumerate(states):
+            temperatures = [0.0] * num_layers
+            temperatures[i] = 1.0
+            h, _ = self.top_down_layers(state.expand(columns, *state.shape[1:]), range(i, num_layers), 1, None,
+                                        temperatures)
+            rows.append(self._pixel_mean(self.pixel_distribution(h, 1)))
+        return torch.cat(rows)
+
+    @torch.no_grad()
     def extra_figure_grids(self, x) -> dict:
-        """An extra figure for training.save_figures: prior samples at a lower temperature."""
-        return {f"samples-t{self.sample_temperature:g}": self.sample(x.shape[0], self.sample_temperature)}
+        """Extra figures for training.save_figures: prior samples at a lower temperature, and what each
+        layer encodes (a row per layer, see layer_samples)."""
+        return {f"samples-t{self.sample_temperature:g}": self.sample(x.shape[0], self.sample_temperature),
+                "layers": self.layer_samples()}
 
 
 # ----------------------------------------------------------------------------- per-layer statistics
@@ -357,14 +396,30 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
 # ----------------------------------------------------------------------------- entry point
 def quick_overrides(cfg: Config) -> dict:
     """--quick: a real but tiny run, about a minute on 2 CPU cores (a narrow model, few steps)."""
-    return {**training.quick_overrides(cfg), "max_steps": 200, "batch_size": 32, "width": 16, "latent_channels": 4,
-            "encoder_blocks": 1, "kl_warmup_steps": 100, "warmup_steps": 20, "ema_decay": 0.98,
-            "val_every": 200, "n_test": 200, "eval_samples": 50, "eval_chunk": 1024, "checkpoint_every": 200}
+    quick = {**training.quick_overrides(cfg), "max_steps": 200, "batch_size": 32, "width": 16, "latent_channels": 4,
+             "encoder_blocks": 1, "kl_warmup_steps": 100, "warmup_steps": 20, "ema_decay": 0.98,
+             "val_every": 200, "n_test": 200, "eval_samples": 50, "eval_chunk": 1024, "checkpoint_every": 200}
+    if data_lib.dataset_info(cfg.dataset, cfg.image_size, cfg.grey).shape[0] > 1:
+        # RGB: the mixture's K (1 + 2C + C(C-1)/2) = 100 output channels per pixel cost more than the whole network
+        # at this width, so half the steps and a fifth of the test bound keep it near a minute
+        quick.update(max_steps=100, val_every=100, checkpoint_every=100, n_test=100, eval_samples=20)
+    return quick
+
+
+def run_suffix(cfg: Config) -> str:
+    """_L6 for the defaults; the mixture's K and a missing RGB coupling are named when they differ from them."""
+    likelihood = cfg.likelihood or default_likelihood(cfg.dataset)
+    suffix = f"_L{cfg.latent_layers}"
+    if likelihood == "logistic-mixture" and cfg.mixture_components != Config.mixture_components:
+        suffix += f"_K{cfg.mixture_components}"
+    if likelihood == "logistic-mixture" and not cfg.rgb_coupling:
+        suffix += "_nocoupling"
+    return suffix
 
 
 RUNG = training.Rung(name="model04", config_class=Config, build_model=HierarchicalVAE,
                      likelihood=lambda cfg, info: cfg.likelihood or default_likelihood(cfg.dataset),
-                     run_suffix=lambda cfg: f"_L{cfg.latent_layers}", latent_layers=lambda cfg: cfg.latent_layers,
+                     run_suffix=run_suffix, latent_layers=lambda cfg: cfg.latent_layers,
                      quick=quick_overrides, extra_metrics=latent_statistics,
                      # latents per evaluation pass: on CUDA 3 images x 5000 samples (2^18 would need tens of GB at
                      # width 64); on CPU 64..128 measured fastest on 1 thread
@@ -380,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="p(x|z): bernoulli (default for binarized sets) or logistic-mixture (default for 8-bit sets)")
     a("--mixture-components", type=int, default=d.mixture_components,
       help=f"components K of the logistic mixture (default {d.mixture_components})")
+    a("--no-rgb-coupling", dest="rgb_coupling", action="store_false",
+      help="mixture: channels independent given the component (no autoregression over R, G, B within a pixel)")
     a("--min-log-scale", type=float, default=d.min_log_scale,
       help=f"floor of the mixture's log-scales in pixel units (default {d.min_log_scale})")
     a("--latent-layers", type=int, default=d.latent_layers,

@@ -615,3 +615,22 @@ def test_shapes_sample_expand_and_independent():
     assert element.batch_shape == (2, 3) and element.sample((4,)).shape == (4, 2, 3)
     assert element.enumerate_support().shape == (LEVELS, 2, 3)
     assert element.enumerate_support(expand=False).shape == (LEVELS, 1, 1)
+
+
+def test_uncoupled_mixture_is_the_coupled_one_at_zero_coupling_and_a_product_over_channels():
+    """--no-rgb-coupling: P = K (1 + 2C) outputs; the pmf equals the coupled layout with raw coupling 0, and
+    for K = 1 it factorises into one discretized logistic per channel (closed form: a product of marginals)."""
+    torch.manual_seed(0)
+    C, K, H, W = 3, 4, 2, 3
+    assert D.num_mixture_params(C, K, rgb_coupling=False) == K * 7 and D.num_mixture_params(1, K, False) == K * 3
+    raw = torch.randn(2, D.num_mixture_params(C, K, rgb_coupling=False), H, W, dtype=torch.float64)
+    x = torch.randint(0, 256, (2, C, H, W)).double() / 255
+    uncoupled = D.mixture_from_decoder_output(raw, C, K, rgb_coupling=False)
+    coupled = D.mixture_from_decoder_output(torch.cat([raw, torch.zeros(2, 3 * K, H, W, dtype=torch.float64)], 1), C, K)
+    assert torch.equal(uncoupled.log_prob(x), coupled.log_prob(x))
+    with pytest.raises(ValueError, match="1 \\+ 2C\\)"):
+        D.mixture_from_decoder_output(raw[:, :-1], C, K, rgb_coupling=False)
+    single = D.mixture_from_decoder_output(raw[:, :7], C, 1, min_log_scale=None, rgb_coupling=False)
+    loc, log_scale = raw[:, 1:4], raw[:, 4:7]
+    per_channel = D.discretized_logistic_likelihood(loc, log_scale, min_log_scale=None).log_prob(x)
+    torch.testing.assert_close(single.log_prob(x), per_channel, rtol=0, atol=1e-9)
