@@ -5,10 +5,12 @@ results/, assets/, checkpoints/) in a temp dir, provides the result file, figure
 checkpoint the tests work on; the real repo is only read.
 """
 import hashlib
+import math
 import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,3 +427,26 @@ def test_curves_are_drawn_from_a_log_into_a_fixed_size_png(tmp_path):
     first = png.read_bytes()
     assert run_script(ROOT / "regenerate_figures.py", *argv).returncode == 0
     assert png.read_bytes() == first
+
+
+def _folder_row(results_dir: Path, name: str, sha: str, bpd: float) -> dict:
+    """A result on an image folder (the fields a published result.json has, numbers made up for the table)."""
+    row = {"model": "model03", "run_name": name, "dataset": "cifar10-jpeg", "likelihood": "discretized-logistic",
+           "latent_layers": 1, "importance_samples": 5, "objective": "iwae", "eval_samples": 5000, "n_test": 10000,
+           "test_ll_nats": -bpd * 3072 * math.log(2), "test_ll_stderr": 1.0, "test_bpd": bpd, "steps": 10,
+           "wall_time_s": 1.0, "device": "CPU", "device_type": "cpu", "git_commit": "abc", "quick": False,
+           "dataset_sha256": sha, "dataset_folder": "/data/CIFAR10-JPEG"}
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(row))
+    return row
+
+
+def test_jpeg_copy_bits_per_dim_carry_their_caveat_and_folders_never_share_a_name(tmp_path, capsys):
+    results = tmp_path / "results"
+    _folder_row(results, "a", "1" * 64, 3.5)
+    code, out = _compare(capsys, "--markdown", "--results-dir", results)
+    assert code == 0 and "3.500 (JPEG copy, not comparable with the literature)" in out
+    assert "never compare with CIFAR-10 numbers in the literature" in out
+    _folder_row(results, "b", "2" * 64, 3.4)  # same name, another folder's content
+    code, out = _compare(capsys, "--markdown", "--results-dir", results)
+    assert code == 2 and "different content" in out
