@@ -55,6 +55,8 @@ class Job:
     # and, for a per-image job, once that result carries its per-image values (see `rescored`)
     published_result: str | None = None
     needs_per_image: bool = False
+    # a pilot: a short training run that only validates (--no-test) and is never published; `pilots` compares them
+    pilot: bool = False
 
     @property
     def out_dir(self) -> str:
@@ -68,7 +70,7 @@ class Job:
 
     def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
         cmd = ["python", self.script, *self.args, *self._precision_flags(), "--device", "cpu", "--out-dir",
-               self.out_dir, "--publish"]
+               self.out_dir, *([] if self.pilot else ["--publish"])]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if minutes:
@@ -90,14 +92,62 @@ def rescore(checkpoint: str, per_image: bool = False) -> Job:
                why, published_result=f"results/{checkpoint}.json", needs_per_image=per_image)
 
 
+PILOT_MINUTES = 60  # training time of every pilot (validation passes not counted): candidates compare at equal time
+
+
+def pilot(group: str, variant: str, script: str, args: list[str], why: str) -> Job:
+    """One candidate of a recipe: `args` is the full run's command line; the pilot trains it for PILOT_MINUTES of one
+    core, validating as it goes, and never touches the test set. Its out-dir keeps ckpt.pt, so the chosen candidate
+    can go on as the campaign job itself."""
+    return Job(f"pilot_{group}_{variant}", script, [*args, "--max-train-minutes", str(PILOT_MINUTES), "--no-test"],
+               why, pilot=True)
+
+
 def rescored(result: dict, per_image: bool) -> bool:
     """Whether a published result needs no re-score: at S >= 5000 and, when `per_image`, with its per-image values.
     (scripts/gpu_campaign.sh asks this too, with per_image=True, before re-scoring a checkpoint on a GPU.)"""
     return result.get("eval_samples", 0) >= 5000 and (not per_image or bool(result.get("test_ll_per_image")))
 
 
+# Pilots first: each group's candidates for one long run, an hour of one core each (`campaign.py pilots` compares
+# them at equal training time). The `args` are the long run's own command line (its epochs sized to the group's
+# budget at the speed measured so far), so the chosen candidate continues from its pilot's checkpoint.
+# model04 on binarized MNIST, about 40 core-hours of training: which recipe reaches the best validation bound?
+_M04_BIN = ["--dataset", "binarized-mnist", "--batch-size", "64", "--kl-warmup-steps", "2000", "--val-every", "1500",
+            "--checkpoint-every", "1500", "--log-every", "500"]
+# The colour ladder on cifar10-jpeg: every rung and ablation row with one batch and one step count (50k steps of 32
+# images, about 33 epochs), so the pilots pick each rung's width at that budget. A validation pass of the colour
+# models at S=100 costs minutes on a CPU: S=10, the same for every row.
+_CIFAR = ["--dataset", "cifar10-jpeg", "--batch-size", "32", "--max-steps", "50000", "--val-every", "2000",
+          "--val-samples", "10", "--checkpoint-every", "2000", "--log-every", "250"]
+PILOTS = [
+    pilot("m04bin", "w32", "model04.py", [*_M04_BIN, "--width", "32", "--epochs", "500"],
+          "model04 on binarized MNIST, width 32, ELBO k=1 with analytic KL: the baseline of the recipe"),
+    pilot("m04bin", "w64", "model04.py", [*_M04_BIN, "--width", "64", "--epochs", "180"],
+          "as w32 but twice the width (about a third of the steps in the same time)"),
+    pilot("m04bin", "w32-iwae5", "model04.py", [*_M04_BIN, "--width", "32", "--objective", "iwae", "-k", "5",
+                                                "--epochs", "150"],
+          "as w32 but trained on the IWAE bound with k=5 (each step runs the top-down pass 5 times)"),
+    pilot("m04bin", "w32-freebits1", "model04.py", [*_M04_BIN, "--width", "32", "--free-bits", "1", "--epochs", "500"],
+          "as w32 with 1 nat of free bits per layer (against collapsed layers)"),
+    pilot("m04bin", "w32-L12", "model04.py", [*_M04_BIN, "--width", "32", "--latent-layers", "12", "--epochs", "300"],
+          "as w32 with 12 stochastic layers instead of 6"),
+    pilot("m04bin", "w32-blocks2", "model04.py", [*_M04_BIN, "--width", "32", "--blocks-per-layer", "2",
+                                                  "--epochs", "350"],
+          "as w32 with two residual blocks after each stochastic layer"),
+    pilot("m04bin", "w32-lr2e-3", "model04.py", [*_M04_BIN, "--width", "32", "--lr", "2e-3", "--epochs", "500"],
+          "as w32 with twice the peak learning rate"),
+    pilot("cifar", "m03-w32", "model03.py", [*_CIFAR, "--width", "32"],
+          "model03 (bounded discretized logistic) on cifar10-jpeg at its default width"),
+    pilot("cifar", "m03-w64", "model03.py", [*_CIFAR, "--width", "64"], "model03 on cifar10-jpeg, twice the width"),
+    pilot("cifar", "m04-w32", "model04.py", [*_CIFAR, "--width", "32"],
+          "model04 (6 layers, MoDL K=10 with RGB coupling) on cifar10-jpeg at width 32"),
+    pilot("cifar", "m04-w64", "model04.py", [*_CIFAR, "--width", "64"], "model04 on cifar10-jpeg, twice the width"),
+]
+
 # In order: a free lane takes the first job that is neither finished nor running.
 JOBS = [
+    *PILOTS,
     Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py",
         ["--importance-samples", "5", "--epochs", "3280", "--lr-schedule", "iwae",
          "--val-every", "5900", "--checkpoint-every", "5900", "--log-every", "1000"],
@@ -168,6 +218,12 @@ def job_status(job: Job) -> dict:
     """What the job's out-dir says: finished (result), training progress (ckpt.pt) and test progress (test_eval.pt)."""
     out = REPO_ROOT / job.out_dir
     status = {"job": job.name, "state": "not started"}
+    done = [r for r in _log_rows(out) if r.get("type") == "done"] if job.pilot else []
+    if done:
+        return {**status, "state": "finished",
+                "detail": f"pilot: step {done[-1]['step']:,} after {done[-1]['train_time_s'] / 60:.0f} min of training, "
+                          f"best validation bound {done[-1]['best_val_bound_nats']:.2f} nats at step "
+                          f"{done[-1]['best_step']:,} (no test set)"}
     if (out / "result.json").exists():
         result = json.loads((out / "result.json").read_text())
         bpd = f", {result['test_bpd']:.4f} bits/dim" if result.get("test_bpd") is not None else ""
@@ -334,6 +390,54 @@ def validation_curve(job: Job) -> tuple[float, list[tuple[float, float]]] | None
         best = max(best, bound)
         curve.append((step / steps_per_epoch, best))
     return steps_per_epoch, curve
+
+
+PILOT_TABLE = "pilots.md"  # campaign/pilots.md: the committed table of every pilot group
+PILOT_CHECKPOINTS_MIN = (15, 30, 45, 60)  # minutes of training at which the table compares the candidates
+
+
+def pilot_row(job: Job) -> list[str] | None:
+    """[variant, steps, epochs, images/s, best validation bound at each of PILOT_CHECKPOINTS_MIN] from the pilot's
+    log.jsonl (its validations record the training time they came at); None before its first validation."""
+    rows = _log_rows(REPO_ROOT / job.out_dir)
+    validations = [r for r in rows if r.get("type") == "val" and "train_time_s" in r]
+    if not validations:
+        return None
+    trains = [r for r in rows if r.get("type") == "train"]
+    speeds = sorted(r["images_per_s"] for r in trains)
+    cells = []
+    for minutes in PILOT_CHECKPOINTS_MIN:
+        reached = [r["val_bound_nats"] for r in validations if r["train_time_s"] <= 60 * minutes + 1]
+        finished = any(r.get("type") == "done" for r in rows) or validations[-1]["train_time_s"] >= 60 * minutes
+        cells.append(f"{max(reached):.2f}" if reached and finished else "—")
+    last = trains[-1] if trains else {"step": validations[-1]["step"], "epoch": float("nan")}
+    return [job.name.split("_", 2)[2], f"{last['step']:,}", f"{last['epoch']:.1f}",
+            f"{speeds[len(speeds) // 2]:.0f}" if speeds else "—", *cells]
+
+
+def pilot_table() -> str:
+    """Markdown: per group, every candidate's best validation bound (nats, higher is better) after 15..60 minutes of
+    training on one core, with the command line that differs."""
+    groups: dict[str, list[Job]] = {}
+    for job in PILOTS:
+        groups.setdefault(job.name.split("_")[1], []).append(job)
+    header = ["variant", "steps", "epochs", "images/s (median)", *[f"best val @ {m} min" for m in PILOT_CHECKPOINTS_MIN]]
+    parts = ["# Pilots\n\nWritten by `python campaign.py pilots --write` from the pilots' `log.jsonl` "
+             "(`campaign/pilot_*`). Each candidate trains for an hour of one CPU thread (`--max-train-minutes "
+             f"{PILOT_MINUTES} --no-test`: validation only, the test set untouched); the columns give its best "
+             "validation bound (nats, higher is better) once it had trained that long. Training time excludes "
+             "validation passes. Speeds depend on the machine and on what else ran beside a pilot: read them "
+             "within a group, and see each log's config record for the machine."]
+    for group, jobs in groups.items():
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for job in jobs:
+            row = pilot_row(job)
+            row = row or [job.name.split("_", 2)[2], "not run yet"] + [""] * (len(header) - 2)
+            lines.append("| " + " | ".join(row) + " |")
+        whys = "\n".join(f"- `{job.name.split('_', 2)[2]}`: {job.why}: `{' '.join(job.command(None, None))}`"
+                          for job in jobs)
+        parts.append(f"## {group}\n\n" + "\n".join(lines) + "\n\n" + whys)
+    return "\n\n".join(parts) + "\n"
 
 
 def print_curves(every: float):
@@ -504,6 +608,8 @@ def main(argv=None) -> int:
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
     run.add_argument("--note", default="", help="a note for this run's records in history.jsonl (the record names the machine itself)")
     sub.add_parser("history", help="print every segment record of campaign/history.jsonl")
+    pilots = sub.add_parser("pilots", help="the pilots' best validation bounds at equal training time (markdown)")
+    pilots.add_argument("--write", action="store_true", help=f"write it to {CAMPAIGN_DIR}/{PILOT_TABLE} instead of printing")
     curves = sub.add_parser("curves", help="every training job's best validation bound by epoch, side by side")
     curves.add_argument("--every", type=float, default=100, help="epochs between rows (default 100)")
     command = sub.add_parser("command", help="print one job's command line")
@@ -516,6 +622,14 @@ def main(argv=None) -> int:
         return 0
     if args.action == "history":
         print_history()
+        return 0
+    if args.action == "pilots":
+        table = pilot_table()
+        if args.write:
+            (REPO_ROOT / CAMPAIGN_DIR / PILOT_TABLE).write_text(table)
+            print(f"wrote {CAMPAIGN_DIR}/{PILOT_TABLE}")
+        else:
+            print(table, end="")
         return 0
     if args.action == "curves":
         if args.every <= 0:
