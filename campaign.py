@@ -39,7 +39,7 @@ except ImportError:  # Windows
 
 REPO_ROOT = Path(__file__).resolve().parent
 CAMPAIGN_DIR = "campaign"
-EXIT_SEGMENT_END = 75  # training.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
+EXIT_SEGMENT_END = 75  # runtime.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Job:
     def _precision_flags(self) -> list[str]:
         if not self.bf16_where_native:
             return []
-        from training import cpu_has_native_bf16  # (torch's start-up only for the job that needs it)
+        from runtime import cpu_has_native_bf16  # (torch's start-up only for the job that needs it)
         return ["--cpu-bf16"] if cpu_has_native_bf16() else []
 
     def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
@@ -245,8 +245,8 @@ def _total_steps(ckpt: dict) -> int:
 
 def machine_description() -> str:
     """The machine a session ran on, read from it rather than typed into --note: cores and the CPU's model name and
-    vector unit (training.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
-    from training import cpu_description  # (torch's start-up only when a record is written)
+    vector unit (runtime.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
+    from runtime import cpu_description  # (torch's start-up only when a record is written)
     return f"{os.cpu_count()} cores, {cpu_description()}"
 
 

@@ -21,6 +21,8 @@ import torch
 from conftest import ROOT, run_script
 
 import model01
+import run_files
+import runtime
 import training
 
 # Tiny but complete: checkpoints at 10, 20, 30, 40; validation (and best.pt) at 20 and 40; EMA on, so
@@ -106,7 +108,7 @@ def test_sigterm_mid_training_then_resume_matches_uninterrupted_run(baseline, da
     assert "SIGTERM received: stopped after step" in stderr and "Run the same command again" in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
     assert stopped_at >= 10
-    ckpt = training.load_checkpoint(out / "ckpt.pt", "model01")
+    ckpt = run_files.load_checkpoint(out / "ckpt.pt", "model01")
     assert ckpt["step"] == stopped_at  # the step in progress was finished and checkpointed
     assert not (out / "result.json").exists()
 
@@ -143,7 +145,7 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_130(data_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr and "SIGINT received: stopped after step" in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
-    assert training.load_checkpoint(out / "ckpt.pt", "model01")["step"] == stopped_at >= 10
+    assert run_files.load_checkpoint(out / "ckpt.pt", "model01")["step"] == stopped_at >= 10
 
 
 def test_signal_outside_the_training_steps_stops_with_a_message(in_process, monkeypatch, baseline, data_dir,
@@ -162,7 +164,7 @@ def test_signal_outside_the_training_steps_stops_with_a_message(in_process, monk
     assert status == 128 + signal.SIGTERM
     assert err.startswith("SIGTERM received outside a training step: stopped.") and "Traceback" not in err
     assert file_hashes(tmp_path) == before
-    assert signal.getsignal(signal.SIGTERM) is not training._interrupt_now  # main() restored the handlers
+    assert signal.getsignal(signal.SIGTERM) is not runtime.interrupt_now  # main() restored the handlers
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, data_dir, tmp_path):
@@ -170,7 +172,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, da
     # Saves in order: ckpt@10, best@20, ckpt@20 <- killed halfway through writing this one's temp file.
     killed = run_model01(out, data_dir, *SMALL, env={"VAE_INJECT_KILL_DURING_SAVE": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert training.load_checkpoint(out / "ckpt.pt", "model01")["step"] == 10
+    assert run_files.load_checkpoint(out / "ckpt.pt", "model01")["step"] == 10
     stale = list(out.glob(".ckpt.pt.tmp*"))
     assert len(stale) == 1, "the injected kill should leave a half-written temp file"
     with pytest.raises(Exception):
@@ -187,8 +189,8 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, da
 def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path, monkeypatch):
     """An exception inside torch.save (as from a signal or a full disk) keeps the old file, removes the temp."""
     path = tmp_path / "ckpt.pt"
-    training.atomic_torch_save({"step": 1}, path)
-    training.atomic_write_json(tmp_path / "result.json", {"a": 1})
+    run_files.atomic_torch_save({"step": 1}, path)
+    run_files.atomic_write_json(tmp_path / "result.json", {"a": 1})
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -196,7 +198,7 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        training.atomic_torch_save({"step": 2}, path)
+        run_files.atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert load(path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "result.json"]
@@ -252,7 +254,7 @@ def test_nan_forever_stops_with_the_step_and_last_finite_metrics(in_process, mon
     last_finite = json.loads(err.split("Last finite metrics: ")[1].split("}")[0] + "}")
     assert last_finite["step"] == 30 and last_finite["loss"] > 0  # 5 finite updates in steps 21..30
     assert err.strip().splitlines()[-1].startswith("error: 15 consecutive") and "Traceback" not in err  # one line
-    ckpt = training.load_checkpoint(out / "ckpt.pt", "model01")  # the last checkpoint is kept, usable
+    ckpt = run_files.load_checkpoint(out / "ckpt.pt", "model01")  # the last checkpoint is kept, usable
     assert ckpt["step"] == 30 and ckpt["n_skipped"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {25}
@@ -465,7 +467,7 @@ def test_wandb_online_failure_falls_back_to_offline_then_to_none(monkeypatch, ca
     monkeypatch.setenv("WANDB_API_KEY", "fake-key")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(init_online_fails))
-    assert training.init_wandb(model01.Config(), "run", tmp_path) == "offline run"
+    assert run_files.init_wandb(model01.Config(), "run", tmp_path) == "offline run"
     assert modes == ["online", "offline"]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: wandb could not start online (TimeoutError: fake wandb:")
@@ -475,7 +477,7 @@ def test_wandb_online_failure_falls_back_to_offline_then_to_none(monkeypatch, ca
         raise RuntimeError(f"fake wandb: {mode} broken")
 
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(init_always_fails))
-    assert training.init_wandb(model01.Config(), "run", tmp_path) is None
+    assert run_files.init_wandb(model01.Config(), "run", tmp_path) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "online broken" in err and "continuing without wandb" in err
 
