@@ -1,4 +1,5 @@
-"""The files of a run in its out-dir: atomic writes, the out-dir itself (created, probed and locked), log.jsonl, and the training checkpoint ckpt.pt: what it holds, the
+"""The files of a run in its out-dir: atomic writes, the out-dir itself (created, probed, locked, and removed again
+when a start fails before writing anything), log.jsonl, and the training checkpoint ckpt.pt: what it holds, the
 checks before a run resumes from it, and the restore.
 
 Run layout (`--out-dir`, default runs/<run name>):
@@ -142,15 +143,19 @@ def set_rng_state(state: dict):
 
 class OutDir:
     """This process's hold on the run's out-dir (process 0's, under torchrun): the flock that keeps a second process
-    out."""
+    out, and the folders this invocation created, so that a start that fails before writing anything leaves none
+    behind (see release)."""
 
     def __init__(self):
         self.lock_fd: int | None = None
+        self.created: list[Path] = []  # deepest first
 
     def take(self, path: Path):
         """Create (with its missing parents), probe and lock `path`; UserError when it cannot be had."""
+        missing = [p for p in (path, *path.parents) if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
+            self.created = missing
             probe = path / f".write-test{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -178,10 +183,18 @@ class OutDir:
         self.lock_fd = fd
 
     def release(self):
-        """Drop the lock."""
+        """Drop the lock, then remove the folders this invocation created that are still empty: a start that failed
+        (missing data, an impossible batch size, a signal while loading) wrote nothing into them. rmdir removes only
+        empty folders, so neither a run's files nor a folder that existed before are ever touched."""
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # closing the descriptor releases the flock
             self.lock_fd = None
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote into it) or already gone: keep it and its parents
+                break
+        self.created = []
 
 
 out_dir_hold = OutDir()  # the out-dir of this process's run, released when training.main returns

@@ -1,5 +1,5 @@
 """The process a run lives in: its device, torchrun's process group, stop signals, exit statuses and the code's
-commit. Nothing here knows about models or files of a run."""
+commit. Nothing here reads or writes the files of a run."""
 import os
 import platform
 import signal

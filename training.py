@@ -207,7 +207,7 @@ def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = N
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         runtime.shutdown_distributed(agreed_exit)
-        out_dir_hold.release()
+        out_dir_hold.release()  # the lock, and the out-dir itself where this start created it and wrote nothing
 
 
 def run_script(rung: Rung, parser: argparse.ArgumentParser):

@@ -20,6 +20,7 @@ import torch
 
 from conftest import ROOT, run_script
 
+import config
 import model01
 import run_files
 import runtime
@@ -397,6 +398,44 @@ def test_bad_input_exits_2_from_the_command_line(baseline, data_dir, tmp_path):
     assert file_hashes(tmp_path) == before
 
 
+FAILED_STARTS = {  # case -> (script, flags, words of its one message); none of them can start a run
+    "data-missing": ("model02.py", ["--data-dir", "{tmp}/no-data"], "error: data not found"),
+    "batch-too-big": ("model01.py", ["--batch-size", "100000"], "exceeds the 59000 training images"),
+    "flag-not-a-number": ("model02.py", ["--batch-size", "many"], "error: argument --batch-size: invalid int value"),
+    "flag-out-of-range": ("model02.py", ["-k", "0"], "error: --importance-samples must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_STARTS))
+def test_a_start_that_fails_leaves_no_out_dir_behind(case, data_dir, tmp_path):
+    """The out-dir (and its missing parents) appear when a run starts; when the start fails after creating them
+    (no data, a batch larger than the data), they go again. Folders that existed before stay (see the bad-input
+    cases above, whose out-dirs exist and keep every file, and the lock test below)."""
+    script, flags, message = FAILED_STARTS[case]
+    out = tmp_path / "new" / "run"
+    proc = run_script(script, "--data-dir", data_dir, "--max-steps", "1", "--device", "cpu", "--out-dir", out,
+                      *[f.format(tmp=tmp_path) for f in flags], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if not case.startswith("flag-not"):  # (argparse's own message comes after its usage lines)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_start_that_fails_leaves_no_default_out_dir_behind(tmp_path):
+    """The same for the default out-dir runs/<run name> (a seed no other run uses names a folder of its own)."""
+    import model02
+    flags = ["--data-dir", str(tmp_path / "no-data"), "--seed", "7130529", "--device", "cpu"]
+    cfg = model02.Config.from_dict(vars(model02.build_parser().parse_args(flags)))
+    default = ROOT / "runs" / config.run_name(model02.RUNG, cfg)
+    runs_existed = (ROOT / "runs").exists()
+    assert not default.exists(), f"{default} exists before the test"
+    proc = run_script("model02.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data not found"), proc.stderr
+    assert not default.exists()
+    assert (ROOT / "runs").exists() == runs_existed  # a runs/ made for this start goes with it
+
+
 # ----------------------------------------------------------------------------- wandb
 
 
@@ -516,6 +555,7 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused_and_the_lock_ends_with_the
     code = training.main(model01.RUNG, model01.build_parser(),
                          ["--out-dir", str(out), "--data-dir", str(tmp_path / "no-data"), *SMALL])
     assert code == 2 and "in use" not in capsys.readouterr().err
+    assert out.is_dir()  # it existed before this failed start: empty, it still stays
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run still held it
