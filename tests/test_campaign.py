@@ -52,7 +52,7 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags():
 
 
 def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tmp_path):
-    """A GPU session may publish a re-score first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
+    """A re-score on a GPU may be published first (gpu_campaign_unpack.sh --apply): then the CPU job is done."""
     job = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
@@ -70,7 +70,7 @@ def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tm
 
 def test_a_per_image_rescore_runs_until_the_published_row_has_per_image_values(monkeypatch, tmp_path):
     """A row published at S=5000 without per-image values: its S=5000 re-score is finished, its per-image re-score
-    (another out-dir) is not, until a result with them is published (by this job, or a GPU session)."""
+    (another out-dir) is not, until a result with them is published (by this job, or a GPU re-score)."""
     name = "model03_fashion-mnist_iwae_k5_seed0"
     first, again = campaign.rescore(name), campaign.rescore(name, per_image=True)
     assert again.name != first.name and again.command(None, None) == [
@@ -126,9 +126,10 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     assert runtime.device_name(torch.device("cpu")).startswith(f"CPU ({runtime.cpu_description()}, ")
 
 
-def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
+def test_run_continues_a_job_across_invocations_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
     """`campaign.py run` end to end, in a copy of the code (its --publish writes into the copy's results/): a first
-    session whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one finishes it."""
+    `campaign.py run` whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one
+    finishes it."""
     for name in ("model01.py", "training.py", "config.py", "runtime.py", "run_files.py", "evaluation.py",
                  "publishing.py", "data.py", "distributions.py", "layers.py", "compare.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
@@ -153,7 +154,7 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
     published = json.loads((tmp_path / "results" / f"{job.name}.json").read_text())
     assert "--segment-minutes" in published["command"] and published["steps"] == 40
     sessions = [json.loads(line) for line in (tmp_path / "campaign" / "sessions.jsonl").read_text().splitlines()]
-    # each run records its start and its end: a session cut off mid-run still leaves its start record
+    # each run records its start and its end: a run cut off midway still leaves its start record
     assert [(s["at"], s["jobs"][0]["state"]) for s in sessions] == [
         ("start", "not started"), ("end", "training"), ("start", "training"), ("end", "finished")]
     assert sessions[0]["note"] == sessions[1]["note"] == "campaign.py run --minutes 5 --lanes 2: first machine"
@@ -168,7 +169,7 @@ def test_run_continues_a_job_across_sessions_and_publishes_it(monkeypatch, data_
 
 
 def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path, capsys):
-    """Two `campaign.py run` at once (two shells, a session that did not see the other) must not run one job
+    """Two `campaign.py run` at once (two shells, neither aware of the other) must not run one job
     twice: the first holds a lock on the job's log file while it runs it, and a job whose out-dir a process
     holds (a command started by hand) is skipped too. The next free job is taken instead."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
@@ -177,7 +178,7 @@ def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path,
     one = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
     assert one.next_job() is first
     other = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
-    assert other.next_job() is second and other.next_job() is None  # each tried once per session
+    assert other.next_job() is second and other.next_job() is None  # each tried once per campaign.py run
     assert f"{first.name}: skipped, another campaign.py run is running it" in capsys.readouterr().out
 
     one.release(first)
@@ -227,7 +228,7 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
 
 def test_only_runs_the_named_jobs_with_the_threads_asked_for(monkeypatch, tmp_path, capsys):
     """--only JOB --threads 2: one job given both cores to finish it; the queue's other jobs are left alone, the
-    child gets OMP_NUM_THREADS=2, and the session's record says how it ran."""
+    child gets OMP_NUM_THREADS=2, and the run's record says how it ran."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
