@@ -36,8 +36,8 @@ import torch.distributed as dist
 import data as data_lib
 import runtime
 from config import explicit_flags, quick_overrides, run_name, validate_config
-from evaluation import bound_per_image, evaluate_checkpoint, final_evaluation, log_weights, validation_bound, \
-    eval_chunk_size
+from evaluation import (bound_per_image, eval_chunk_size, evaluate_checkpoint, final_evaluation, log_weights,
+                        validation_bound)
 from run_files import (JsonlLog, TrainingState, atomic_torch_save, atomic_write_json, checkpoint_to_resume,
                        init_wandb, load_checkpoint, out_dir_hold, prepare_out_dir, remove_stale_temp_files)
 from runtime import (EXIT_BAD_INPUT, EXIT_SEGMENT_END, EXIT_TOO_MANY_SKIPS, REPO_ROOT, DeferredStop, DistInfo,
