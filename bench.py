@@ -10,8 +10,8 @@ For every model in REGISTRY (one entry per rung) and on one device, in one proce
          torch's own Bernoulli (ours: distributions.FastBernoulli, same values), and the skip
          decided on the host (`.item()`). On CPU also `ours_cpu_bf16`: our step as
          `modelNN.py --cpu-bf16` runs it (bf16 autocast; fast on CPUs with AVX512-BF16 or AMX).
-  eval   importance samples/s of training.evaluate_bound (samples folded into chunks of
-         training.eval_chunk_size latents, a streaming log-sum-exp) against the naive loop, one decoder pass per
+  eval   importance samples/s of evaluation.evaluate_bound (samples folded into chunks of
+         evaluation.eval_chunk_size latents, a streaming log-sum-exp) against the naive loop, one decoder pass per
          sample. On CPU also `previous_cpu_defaults`: the same evaluate_bound as it ran on CPU before commit f5fc69e
          (passes of 2^14 latents, model02/03 in NCHW), i.e. the evaluation speed before and after that change.
   memory peak during each phase. CUDA: torch.cuda.max_memory_allocated (reset before the phase).
@@ -54,6 +54,9 @@ from torch.distributions import Bernoulli, Independent
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as data_lib
+import evaluation
+import run_files
+import runtime
 import training
 from distributions import diagonal_gaussian, log_mean_exp
 
@@ -284,7 +287,7 @@ class OurTraining:
         self.optimizer = training.make_optimizer(self.params, cfg)
         self.batcher = data_lib.Batcher(data.train, cfg.batch_size, seed=cfg.seed)
         self.meters = training.StepMeters(device)
-        self.amp = training.training_autocast(cfg, device)
+        self.amp = runtime.training_autocast(cfg, device)
         self.train_model = torch.compile(model) if compile_model else model
         self.step_count = 0
 
@@ -361,7 +364,7 @@ def build(spec: BenchModel, args, data, device):
                                        "dataset": spec.dataset, "batch_size": args.batch_size,
                                        "importance_samples": args.importance_samples, "seed": args.seed})
     torch.manual_seed(args.seed)
-    model = training.prepare_model(rung.build_model(cfg, data.info), device)
+    model = runtime.prepare_model(rung.build_model(cfg, data.info), device)
     return rung, cfg, model
 
 
@@ -462,10 +465,10 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
     All variants score the same weights (trained for the training phase's steps, if it ran) and test images."""
     name, threads = result["model"], result["threads"]
     test = data.test.subset(args.eval_images)
-    chunk = training.eval_chunk_size(rung, cfg, device)
+    chunk = evaluation.eval_chunk_size(rung, cfg, device)
     eval_model = model_ours
     variants = {"ours": (eval_model, chunk), "naive": (eval_model, None)}
-    if device.type == "cpu":  # as training.prepare_model built it on CPU before: no NHWC conversion of its own
+    if device.type == "cpu":  # as runtime.prepare_model built it on CPU before: no NHWC conversion of its own
         previous = rung.build_model(cfg, data.info).to(device)
         previous.load_state_dict(copy.deepcopy(eval_model.state_dict()))
         variants["previous_cpu_defaults"] = (previous, PREVIOUS_CPU_EVAL_CHUNK)
@@ -480,7 +483,7 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
                 lls["naive"] = naive_evaluate(model, test, args.eval_samples, spec.naive_forward)
             else:
                 torch.distributions.Distribution.set_default_validate_args(False)
-                lls[variant_name] = training.evaluate_bound(model, test, args.eval_samples, seed=args.seed,
+                lls[variant_name] = evaluation.evaluate_bound(model, test, args.eval_samples, seed=args.seed,
                                                             chunk=variant_chunk)
         return run
 
@@ -591,10 +594,10 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_repeats", "eval_images"):
             value = getattr(args, flag)
             if value is not None and value < 1:
-                raise training.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+                raise runtime.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
         if args.threads is not None and min(args.threads) < 1:
-            raise training.UserError(f"--threads must be >= 1, got {args.threads}")
-        device = training.resolve_device(args.device, training.DistInfo())
+            raise runtime.UserError(f"--threads must be >= 1, got {args.threads}")
+        device = runtime.resolve_device(args.device, runtime.DistInfo())
         if args.threads is None:
             args.threads = sorted({1, os.cpu_count() or 1}) if device.type == "cpu" else [torch.get_num_threads()]
         if args.eval_images is None:
@@ -604,13 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models
         missing = [m for m in models if m not in available_models()]
         if missing:
-            raise training.UserError(f"{', '.join(missing)}: no such script in {REPO_ROOT}")
+            raise runtime.UserError(f"{', '.join(missing)}: no such script in {REPO_ROOT}")
         memory = PeakMemory(device)
         report = {
             "command": " ".join(["python", "bench.py", *argv]),
-            "git_commit": training.git_commit(),
+            "git_commit": runtime.git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": re.sub(r", \d+ threads\)$", ")", training.device_name(device)),  # threads: per result
+            "device": re.sub(r", \d+ threads\)$", ")", runtime.device_name(device)),  # threads: per result
             "device_type": device.type,
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "cpu_count": os.cpu_count(),
@@ -625,12 +628,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in models:
                 report["results"].append(bench_model(name, REGISTRY[name], args, device, memory, data_cache))
         report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    except (training.UserError, data_lib.DataError) as e:
+    except (runtime.UserError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else REPO_ROOT / "results" / f"bench_{device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    training.atomic_write_json(out, report)
+    run_files.atomic_write_json(out, report)
     print_table(report)
     print(f"wrote {out}")
     return 0

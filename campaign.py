@@ -39,7 +39,7 @@ except ImportError:  # Windows
 
 REPO_ROOT = Path(__file__).resolve().parent
 CAMPAIGN_DIR = "campaign"
-EXIT_SEGMENT_END = 75  # training.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
+EXIT_SEGMENT_END = 75  # runtime.EXIT_SEGMENT_END (not imported: status must work without torch's start-up)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Job:
     def _precision_flags(self) -> list[str]:
         if not self.bf16_where_native:
             return []
-        from training import cpu_has_native_bf16  # (torch's start-up only for the job that needs it)
+        from runtime import cpu_has_native_bf16  # (torch's start-up only for the job that needs it)
         return ["--cpu-bf16"] if cpu_has_native_bf16() else []
 
     def command(self, minutes: float | None, data_dir: str | None) -> list[str]:
@@ -92,13 +92,13 @@ def rescore(checkpoint: str, per_image: bool = False) -> Job:
                why, published_result=f"results/{checkpoint}.json", needs_per_image=per_image)
 
 
-PILOT_MINUTES = 60  # training time of every pilot (validation passes not counted): candidates compare at equal time
+PILOT_MINUTES = 60  # training time of every pilot (its validations included): candidates compare at equal time
 
 
 def pilot(group: str, variant: str, script: str, args: list[str], why: str) -> Job:
-    """One candidate of a recipe: `args` is the full run's command line; the pilot trains it for PILOT_MINUTES of one
-    core, validating as it goes, and never touches the test set. Its out-dir keeps ckpt.pt, so the chosen candidate
-    can go on as the campaign job itself."""
+    """One candidate of a recipe: `args` is the long run's command line; the pilot trains it for PILOT_MINUTES of one
+    core, validating as it goes, and never touches the test set. The chosen recipe's campaign job starts afresh from
+    the same seed (its first hour repeats its pilot)."""
     return Job(f"pilot_{group}_{variant}", script, [*args, "--max-train-minutes", str(PILOT_MINUTES), "--no-test"],
                why, pilot=True)
 
@@ -111,7 +111,7 @@ def rescored(result: dict, per_image: bool) -> bool:
 
 # Pilots first: each group's candidates for one long run, an hour of one core each (`campaign.py pilots` compares
 # them at equal training time). The `args` are the long run's own command line (its epochs sized to the group's
-# budget at the speed measured so far), so the chosen candidate continues from its pilot's checkpoint.
+# budget at the speed measured so far): a pilot is the first hour of the run it stands for.
 # model04 on binarized MNIST, about 40 core-hours of training: which recipe reaches the best validation bound?
 _M04_BIN = ["--dataset", "binarized-mnist", "--batch-size", "64", "--kl-warmup-steps", "2000", "--val-every", "1500",
             "--checkpoint-every", "1500", "--log-every", "500"]
@@ -301,8 +301,8 @@ def _total_steps(ckpt: dict) -> int:
 
 def machine_description() -> str:
     """The machine a segment ran on, read from it rather than typed into --note: cores and the CPU's model name and
-    vector unit (training.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
-    from training import cpu_description  # (torch's start-up only when a record is written)
+    vector unit (runtime.cpu_description). It decides the speed of a segment and whether model01 trains in bf16."""
+    from runtime import cpu_description  # (torch's start-up only when a record is written)
     return f"{os.cpu_count()} cores, {cpu_description()}"
 
 
@@ -425,8 +425,8 @@ def pilot_table() -> str:
     parts = ["# Pilots\n\nWritten by `python campaign.py pilots --write` from the pilots' `log.jsonl` "
              "(`campaign/pilot_*`). Each candidate trains for an hour of one CPU thread (`--max-train-minutes "
              f"{PILOT_MINUTES} --no-test`: validation only, the test set untouched); the columns give its best "
-             "validation bound (nats, higher is better) once it had trained that long. Training time excludes "
-             "validation passes. Speeds depend on the machine and on what else ran beside a pilot: read them "
+             "validation bound (nats, higher is better) once it had trained that long. Training time includes the "
+             "validation passes (the same step interval and S for every candidate of a group). Speeds depend on the machine and on what else ran beside a pilot: read them "
              "within a group, and see each log's config record for the machine."]
     for group, jobs in groups.items():
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

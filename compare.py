@@ -211,7 +211,7 @@ def format_duration(seconds) -> str:
 
 
 def device_label(r: dict) -> str:
-    """The device as written by training.device_name; a CPU run always reads as one."""
+    """The device as written by runtime.device_name; a CPU run always reads as one."""
     label = str(r["device"])
     if r["device_type"] == "cpu" and not label.upper().startswith("CPU"):
         label = f"CPU ({label})"
@@ -347,7 +347,7 @@ def results_block(results: list[dict], model: str | None, link_base: Path) -> st
 
 
 def _earlier_commands(r: dict) -> str:
-    """A re-scored row's earlier numbers (training.publish_result keeps them, with their commands, in
+    """A re-scored row's earlier numbers (publishing.publish_result keeps them, with their commands, in
     previous_results), oldest first; the command only of the first, the run that trained the weights."""
     earlier = [p for p in r.get("previous_results") or [] if isinstance(p.get("test_ll_nats"), (int, float))]
     return "".join(f"; before it, L_{p.get('eval_samples')} = {p['test_ll_nats']:.2f} nats on {p.get('n_test', 0):,} "

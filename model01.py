@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import config
+import evaluation
+import runtime
 import training
 from distributions import bernoulli_likelihood, diagonal_gaussian, kl_independent_normals, standard_normal
 from layers import GaussianHead, merge_samples, mlp, unmerge_samples
@@ -24,7 +27,7 @@ from layers import GaussianHead, merge_samples, mlp, unmerge_samples
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config(training.TrainConfig):
+class Config(config.TrainConfig):
     dataset: str = "binarized-mnist"  # dynamic binarization, as in the IWAE paper
     hidden: int = 200  # units in each of the two deterministic layers
     latent_dim: int = 50  # stochastic units
@@ -43,7 +46,7 @@ class IWAE(nn.Module):
     def __init__(self, cfg: Config, info):
         super().__init__()
         if not info.binary:
-            raise training.UserError(f"model01 has a Bernoulli p(x|z): use a binary data set, not {info.name}")
+            raise runtime.UserError(f"model01 has a Bernoulli p(x|z): use a binary data set, not {info.name}")
         self.image_shape = info.shape  # (1, 28, 28)
         d, h = info.num_dims, cfg.hidden
         self.encoder = nn.Sequential(nn.Flatten(), mlp([d, h, h], final_activation=True))
@@ -56,7 +59,7 @@ class IWAE(nn.Module):
                     nn.init.xavier_uniform_(layer.weight)  # U(+-sqrt(6 / (fan_in + fan_out))), for tanh units
                     nn.init.zeros_(layer.bias)
         elif cfg.init != "pytorch":
-            raise training.UserError(f"model01: unknown init {cfg.init!r} (pytorch or burda)")
+            raise runtime.UserError(f"model01: unknown init {cfg.init!r} (pytorch or burda)")
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -88,7 +91,7 @@ class IWAE(nn.Module):
 @torch.no_grad()
 def latent_statistics(model: IWAE, split, cfg: Config) -> dict:
     """Burda et al.'s measure of how much of the latent space a run uses, on the evaluated test images: the
-    active units (Var_x E_q[u | x] > training.ACTIVE_UNIT_THRESHOLD; E_q[u | x] is q's mean, no sampling) and the
+    active units (Var_x E_q[u | x] > evaluation.ACTIVE_UNIT_THRESHOLD; E_q[u | x] is q's mean, no sampling) and the
     mean KL(q(z|x) || p(z)) in nats. Their Table 1 counts more active units for IWAE than for the VAE at equal k."""
     was_training = model.training
     model.eval()
@@ -106,8 +109,8 @@ def latent_statistics(model: IWAE, split, cfg: Config) -> dict:
     model.train(was_training)
     variance = mean_sq_sum / n - (mean_sum / n) ** 2  # [L]: over images, of q's mean
     layer = {"layer": 1, "units": model.latent_dim, "kl_nats": kl_sum / n,
-             "active_units": training.count_active_units(variance)}
-    return training.latent_stats_result([layer], n)
+             "active_units": evaluation.count_active_units(variance)}
+    return evaluation.latent_stats_result([layer], n)
 
 
 def init_output_bias(model: IWAE, train, cfg: Config):
@@ -131,7 +134,7 @@ RUNG = training.Rung(name="model01", config_class=Config, build_model=IWAE,
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser, defaults)
+    config.add_common_args(parser, defaults)
     parser.add_argument("--hidden", type=int, default=defaults.hidden, help="units per deterministic layer")
     parser.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="stochastic units")
     parser.add_argument("--init", default=defaults.init, choices=["pytorch", "burda"],

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 from torch.distributions import Independent
 
+import config
+import runtime
 import training
 from distributions import diagonal_gaussian, gaussian_likelihood, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
@@ -61,7 +63,7 @@ LOG_LEVELS = math.log(255.0)  # ln of the number of 8-bit levels per unit of pix
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config(training.TrainConfig):
+class Config(config.TrainConfig):
     dataset: str = "cifar10"  # the standard colour benchmark
     # A loss here is thousands of nats per image and its gradient grows like 1 / sigma^2 as p(x|z)'s scale
     # shrinks: norms of 1e4..1e6 are the normal regime (bounded runs peak near 5e5; an unbounded model02
@@ -91,7 +93,7 @@ class ConvVAE(nn.Module):
         self.variance_bound = cfg.variance_bound
         self.min_log_var = cfg.min_log_var_levels - 2 * LOG_LEVELS  # levels -> pixel units (x in [0, 1])
         self.max_log_var = cfg.max_log_var_levels - 2 * LOG_LEVELS
-        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (training.prepare_model)
+        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (runtime.prepare_model)
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -132,13 +134,13 @@ class ConvVAE(nn.Module):
 
 def build_model(cfg: Config, info) -> ConvVAE:
     if info.binary:
-        raise training.UserError(f"{info.name} is binary; model02 models 8-bit images: use --dataset one of "
+        raise runtime.UserError(f"{info.name} is binary; model02 models 8-bit images: use --dataset one of "
                                  f"{', '.join(EIGHT_BIT_DATASETS)} (binary data sets belong to model01).")
     if min(cfg.latent_dim, cfg.width, cfg.features) < 1:
-        raise training.UserError(f"--latent-dim, --width and --features must be >= 1, got {cfg.latent_dim}, "
+        raise runtime.UserError(f"--latent-dim, --width and --features must be >= 1, got {cfg.latent_dim}, "
                                  f"{cfg.width}, {cfg.features}")
     if cfg.variance_bound and not cfg.min_log_var_levels < cfg.max_log_var_levels:
-        raise training.UserError(f"--min-log-var-levels ({cfg.min_log_var_levels:g}) must be below "
+        raise runtime.UserError(f"--min-log-var-levels ({cfg.min_log_var_levels:g}) must be below "
                                  f"--max-log-var-levels ({cfg.max_log_var_levels:g})")
     channels = info.shape[0]
     encoder = ConvEncoder(info.shape, cfg.width, cfg.features)
@@ -158,7 +160,7 @@ def likelihood_name(cfg: Config, info) -> str:
 # ----------------------------------------------------------------------------- entry point
 def quick_overrides(cfg: Config) -> dict:
     """--quick: a small network, a few hundred steps and a small test bound, about a minute on 2 CPU cores."""
-    return {**training.quick_overrides(cfg), "width": 8, "features": 64, "batch_size": 32, "max_steps": 200,
+    return {**config.quick_overrides(cfg), "width": 8, "features": 64, "batch_size": 32, "max_steps": 200,
             "val_every": 100, "val_samples": 5, "n_test": 200, "eval_samples": 20, "eval_chunk": 2000,
             "checkpoint_every": 100}
 
@@ -172,7 +174,7 @@ RUNG = training.Rung(name="model02", config_class=Config, build_model=build_mode
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser, defaults, datasets=EIGHT_BIT_DATASETS)
+    config.add_common_args(parser, defaults, datasets=EIGHT_BIT_DATASETS)
     a = parser.add_argument
     a("--latent-dim", type=int, default=defaults.latent_dim, help=f"stochastic units (default {defaults.latent_dim})")
     a("--width", type=int, default=defaults.width, help=f"conv channels at full resolution (default {defaults.width})")

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import config
+import runtime
 import training
 from distributions import diagonal_gaussian, discretized_logistic_likelihood, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
@@ -46,7 +48,7 @@ LOG_LOGISTIC_STD = math.log(math.pi / math.sqrt(3.0))  # std of a logistic = sca
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config(training.TrainConfig):
+class Config(config.TrainConfig):
     dataset: str = "cifar10"  # the standard colour benchmark
     # A loss here is thousands of nats per image and its gradient grows like 1 / sigma^2 as p(x|z)'s scale
     # shrinks: norms of 1e4..1e6 are the normal regime (bounded runs peak near 5e5; an unbounded model02
@@ -75,7 +77,7 @@ class ConvVAE(nn.Module):
         self.variance_bound = cfg.variance_bound
         # variance floor -> log-scale floor: log s = (log sigma^2) / 2 - ln(pi / sqrt 3), levels -> pixels
         self.min_log_scale = 0.5 * cfg.min_log_var_levels - LOG_LOGISTIC_STD - LOG_LEVELS
-        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (training.prepare_model)
+        self.channels_last = True  # conv nets run faster in NHWC, on CUDA and on CPU (runtime.prepare_model)
 
     def prior(self, device):
         return standard_normal((self.latent_dim,), device=device)
@@ -111,10 +113,10 @@ class ConvVAE(nn.Module):
 
 def build_model(cfg: Config, info) -> ConvVAE:
     if info.binary:
-        raise training.UserError(f"{info.name} is binary; model03 models 8-bit images: use --dataset one of "
+        raise runtime.UserError(f"{info.name} is binary; model03 models 8-bit images: use --dataset one of "
                                  f"{', '.join(EIGHT_BIT_DATASETS)} (binary data sets belong to model01).")
     if min(cfg.latent_dim, cfg.width, cfg.features) < 1:
-        raise training.UserError(f"--latent-dim, --width and --features must be >= 1, got {cfg.latent_dim}, "
+        raise runtime.UserError(f"--latent-dim, --width and --features must be >= 1, got {cfg.latent_dim}, "
                                  f"{cfg.width}, {cfg.features}")
     channels = info.shape[0]
     encoder = ConvEncoder(info.shape, cfg.width, cfg.features)
@@ -131,7 +133,7 @@ def likelihood_name(cfg: Config, info) -> str:
 # ----------------------------------------------------------------------------- entry point
 def quick_overrides(cfg: Config) -> dict:
     """--quick: a small network, a few hundred steps and a small test bound, about a minute on 2 CPU cores."""
-    return {**training.quick_overrides(cfg), "width": 8, "features": 64, "batch_size": 32, "max_steps": 200,
+    return {**config.quick_overrides(cfg), "width": 8, "features": 64, "batch_size": 32, "max_steps": 200,
             "val_every": 100, "val_samples": 5, "n_test": 200, "eval_samples": 20, "eval_chunk": 2000,
             "checkpoint_every": 100}
 
@@ -145,7 +147,7 @@ RUNG = training.Rung(name="model03", config_class=Config, build_model=build_mode
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser, defaults, datasets=EIGHT_BIT_DATASETS)
+    config.add_common_args(parser, defaults, datasets=EIGHT_BIT_DATASETS)
     a = parser.add_argument
     a("--latent-dim", type=int, default=defaults.latent_dim, help=f"stochastic units (default {defaults.latent_dim})")
     a("--width", type=int, default=defaults.width, help=f"conv channels at full resolution (default {defaults.width})")

@@ -56,7 +56,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import config
 import data as data_lib
+import evaluation
+import runtime
 import training
 from distributions import (bernoulli_likelihood, diagonal_gaussian, kl_independent_normals,
                            mixture_from_decoder_output, num_mixture_params)
@@ -73,7 +76,7 @@ def default_likelihood(dataset: str) -> str:
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config(training.TrainConfig):
+class Config(config.TrainConfig):
     dataset: str = "binarized-mnist"  # dynamic binarization, as model01
     likelihood: str | None = None  # None: bernoulli for binary data sets, logistic-mixture for 8-bit ones
     mixture_components: int = 10  # K of the logistic mixture (PixelCNN++ used 10 for CIFAR-10)
@@ -112,12 +115,12 @@ class Config(training.TrainConfig):
     def __post_init__(self):
         def check(ok, message):
             if not ok:
-                raise training.UserError(message)
+                raise runtime.UserError(message)
 
         try:
             info = data_lib.dataset_info(self.dataset, self.image_size, self.grey)
         except data_lib.DataError as e:
-            raise training.UserError(str(e)) from None
+            raise runtime.UserError(str(e)) from None
         binary = info.binary
         check(self.likelihood is None or self.likelihood in LIKELIHOODS,
               f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
@@ -241,7 +244,7 @@ class HierarchicalVAE(nn.Module):
             out_channels = num_mixture_params(channels, cfg.mixture_components, cfg.rgb_coupling)
         self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(w, w // 2 or 1, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(w // 2 or 1, out_channels, 1))
-        self.to(memory_format=torch.channels_last)  # on every device (as training.prepare_model does)
+        self.to(memory_format=torch.channels_last)  # on every device (as runtime.prepare_model does)
 
     # --- the two passes
     def encode(self, x) -> list[torch.Tensor]:
@@ -345,7 +348,7 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def extra_figure_grids(self, x) -> dict:
-        """Extra figures for training.save_figures: prior samples at a lower temperature, and what each
+        """Extra figures for evaluation.save_figures: prior samples at a lower temperature, and what each
         layer encodes (a row per layer, see layer_samples)."""
         return {f"samples-t{self.sample_temperature:g}": self.sample(x.shape[0], self.sample_temperature),
                 "layers": self.layer_samples()}
@@ -357,7 +360,7 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
     """Per stochastic layer over the images of `split`, for result.json (seeded, RNG-neutral):
 
     kl_nats       mean KL(q(z_l | x, z_<l) || p(z_l | z_<l)), analytic given draws of the layers above
-    active_units  units u with Var_x(E_q[z_l,u | x]) > training.ACTIVE_UNIT_THRESHOLD (Burda et al.'s count)
+    active_units  units u with Var_x(E_q[z_l,u | x]) > evaluation.ACTIVE_UNIT_THRESHOLD (Burda et al.'s count)
     In a hierarchy E_q[z_l | x] averages the posterior mean over the layers above: it is estimated
     from S = ACTIVE_UNIT_SAMPLES draws, and the variance over images of that S-draw average is
     debiased by subtracting the mean within-image variance / S (else the draws' own noise would
@@ -389,14 +392,14 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
         variance = mean_sq_sum[i] / n - (mean_sum[i] / n) ** 2 - within_sum[i] / n / s  # [units]
         r = model.resolutions[d]
         stats.append({"layer": i + 1, "resolution": f"{r[0]}x{r[1]}", "units": int(variance.numel()),
-                      "kl_nats": kl_sum[i] / n, "active_units": training.count_active_units(variance)})
-    return training.latent_stats_result(stats, n, latent_stats_samples=s)
+                      "kl_nats": kl_sum[i] / n, "active_units": evaluation.count_active_units(variance)})
+    return evaluation.latent_stats_result(stats, n, latent_stats_samples=s)
 
 
 # ----------------------------------------------------------------------------- entry point
 def quick_overrides(cfg: Config) -> dict:
     """--quick: a real but tiny run, about a minute on 2 CPU cores (a narrow model, few steps)."""
-    quick = {**training.quick_overrides(cfg), "max_steps": 200, "batch_size": 32, "width": 16, "latent_channels": 4,
+    quick = {**config.quick_overrides(cfg), "max_steps": 200, "batch_size": 32, "width": 16, "latent_channels": 4,
              "encoder_blocks": 1, "kl_warmup_steps": 100, "warmup_steps": 20, "ema_decay": 0.98,
              "val_every": 200, "n_test": 200, "eval_samples": 50, "eval_chunk": 1024, "checkpoint_every": 200}
     if data_lib.dataset_info(cfg.dataset, cfg.image_size, cfg.grey).shape[0] > 1:
@@ -429,7 +432,7 @@ RUNG = training.Rung(name="model04", config_class=Config, build_model=Hierarchic
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser, d)
+    config.add_common_args(parser, d)
     a = parser.add_argument
     a("--likelihood", default=None, choices=LIKELIHOODS,
       help="p(x|z): bernoulli (default for binarized sets) or logistic-mixture (default for 8-bit sets)")

@@ -75,19 +75,20 @@ def export_checkpoint(source: Path, checkpoints_dir: Path) -> Path:
     """checkpoints/<run>.pt from a run's best.pt: the evaluated weights and config only."""
     import torch
 
-    import training
+    import publishing
+    import run_files
 
     if not source.is_file():
         raise RegenerateError(f"--export-checkpoint: {source} does not exist.")
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != training.CHECKPOINT_FORMAT or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != run_files.CHECKPOINT_FORMAT or "model" not in ckpt:
         raise RegenerateError(f"--export-checkpoint: {source} is not a vae-mdl checkpoint.")
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     target = checkpoints_dir / f"{ckpt['run_name']}.pt"
-    training.atomic_torch_save(training.weights_only_checkpoint(ckpt), target)
+    run_files.atomic_torch_save(publishing.weights_only_checkpoint(ckpt), target)
     size_mb = target.stat().st_size / 2 ** 20
-    if target.stat().st_size > training.PUBLISHED_CHECKPOINT_MAX_BYTES:
-        print(f"warning: {target} is {size_mb:.1f} MB, over the {training.PUBLISHED_CHECKPOINT_MAX_BYTES >> 20} MB "
+    if target.stat().st_size > publishing.PUBLISHED_CHECKPOINT_MAX_BYTES:
+        print(f"warning: {target} is {size_mb:.1f} MB, over the {publishing.PUBLISHED_CHECKPOINT_MAX_BYTES >> 20} MB "
               f"meant for git; keep it out of commits.", file=sys.stderr)
     print(f"wrote {target} ({size_mb:.1f} MB, weights only) from {source}")
     return target

@@ -44,6 +44,7 @@ def main() -> int:
     root = os.path.abspath(args.code_root)
     os.chdir(root)  # checkpoints/<name>.pt as in the README's commands; publish goes to <root>/results etc.
     sys.path.insert(0, root)
+    import runtime  # noqa: E402  (from the code root)
     import training  # noqa: E402  (from the code root)
 
     jobs = []
@@ -84,7 +85,7 @@ def main() -> int:
         seconds = time.time() - t0
         if rc == 0:
             record(label, "OK", seconds, "")
-        elif rc == training.EXIT_SEGMENT_END:
+        elif rc == runtime.EXIT_SEGMENT_END:
             record(label, "PARTIAL", seconds, "segment ended; progress in test_eval.pt, same command continues it")
             out_of_time = label != args.force_partial
         else:

@@ -8,33 +8,38 @@ import pytest
 import torch
 
 import campaign
-import training
-from conftest import ROOT
+import config
+import run_files
+import runtime
+from conftest import ROOT, run_script
 from test_segments import SEGMENTED, in_process  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("job", campaign.JOBS, ids=lambda job: job.name)
 def test_every_job_is_a_valid_command_of_its_script(job):
     cmd = job.command(minutes=150, data_dir="../shared/data")
-    assert cmd[:2] == ["python", job.script] and "--publish" in cmd and cmd[-2:] == ["--segment-minutes", "150"]
+    assert cmd[:2] == ["python", job.script] and cmd[-2:] == ["--segment-minutes", "150"]
+    assert ("--publish" in cmd) != job.pilot  # a pilot never publishes
     module = importlib.import_module(job.script[:-3])
     args = module.build_parser().parse_args(cmd[2:])  # a typo in a flag exits here
     cfg = module.RUNG.config_class.from_dict(vars(args))
-    training.validate_config(cfg)
+    config.validate_config(cfg)
     assert cfg.out_dir == f"campaign/{job.name}" and cfg.device == "cpu"
-    if cfg.eval_only:  # a re-score: of a published checkpoint, at the story's S
+    if job.pilot:  # validation only, for an hour of training
+        assert cfg.no_test and cfg.max_train_minutes == campaign.PILOT_MINUTES and job.name.startswith("pilot_")
+    elif cfg.eval_only:  # a re-score: of a published checkpoint, at the story's S
         assert (ROOT / cfg.checkpoint).is_file() and cfg.eval_samples == 5000
         assert job.name == f"{'perimage' if job.needs_per_image else 'eval5000'}_{Path(cfg.checkpoint).stem}"
         assert job.published_result == f"results/{Path(cfg.checkpoint).stem}.json"
     else:  # a training job keeps the run's name, so publishing replaces the row it improves
-        assert job.name == training.run_name(module.RUNG, cfg)
+        assert job.name == config.run_name(module.RUNG, cfg)
 
 
 @pytest.mark.parametrize("native", [True, False, None])
 def test_model01_trains_in_bf16_only_where_the_cpu_has_it_natively(native, monkeypatch):
     """Emulated bf16 is several times slower than float32, so the job asks for it only on a CPU with
     AVX512-BF16/AMX (None: cannot tell, then float32)."""
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     job = next(j for j in campaign.JOBS if j.script == "model01.py")
     cmd = job.command(minutes=10, data_dir=None)
     assert ("--cpu-bf16" in cmd) == bool(native)
@@ -46,7 +51,7 @@ def test_model01_trains_in_bf16_only_where_the_cpu_has_it_natively(native, monke
 def test_cpu_has_native_bf16_reads_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     expected = None if flags is None else ("avx512_bf16" in flags or "amx_bf16" in flags)
-    assert training.cpu_has_native_bf16() is expected
+    assert runtime.cpu_has_native_bf16() is expected
 
 
 def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tmp_path):
@@ -101,17 +106,17 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     out = tmp_path / job.out_dir
     assert campaign.job_status(job) == {"job": "tiny", "state": "not started"}
 
-    monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # one log interval or pass
+    monkeypatch.setenv("VAE_INJECT_SEGMENT_END", "1")  # one log interval or pass
     flags = ["--out-dir", out, "--data-dir", data_dir, *SEGMENTED]
-    assert in_process(*flags)[0] == training.EXIT_SEGMENT_END
+    assert in_process(*flags)[0] == runtime.EXIT_SEGMENT_END
     status = campaign.job_status(job)
     assert status["state"] == "training" and "step 10/40" in status["detail"], status
     assert status["detail"].split("; ")[0].endswith(" h, float32"), status  # (then the last segment's rate)
-    while in_process(*flags)[0] == training.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
+    while in_process(*flags)[0] == runtime.EXIT_SEGMENT_END and not (out / "test_eval.pt").exists():
         pass
     status = campaign.job_status(job)
     assert status["state"] == "evaluating" and "test L_5: 10/50 images in 1 segment(s)" in status["detail"], status
-    while in_process(*flags)[0] == training.EXIT_SEGMENT_END:
+    while in_process(*flags)[0] == runtime.EXIT_SEGMENT_END:
         pass
     status = campaign.job_status(job)
     result = json.loads((out / "result.json").read_text())
@@ -120,19 +125,21 @@ def test_status_reads_training_evaluation_and_result(in_process, monkeypatch, da
     campaign.print_status(record=True, note="test")
     entry = json.loads((tmp_path / "campaign" / "history.jsonl").read_text().splitlines()[-1])
     assert entry["note"] == "test" and entry["jobs"] == [status]
-    assert entry["machine"] == f"{os.cpu_count()} cores, {training.cpu_description()}"
-    assert training.device_name(torch.device("cpu")).startswith(f"CPU ({training.cpu_description()}, ")
+    assert entry["machine"] == f"{os.cpu_count()} cores, {runtime.cpu_description()}"
+    assert runtime.device_name(torch.device("cpu")).startswith(f"CPU ({runtime.cpu_description()}, ")
 
 
-def test_run_continues_a_job_across_runs_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
+def test_run_continues_a_job_across_invocations_and_publishes_it(monkeypatch, data_dir, tmp_path, capsys):
     """`campaign.py run` end to end, in a copy of the code (its --publish writes into the copy's results/): a first
-    run whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one finishes it."""
-    for name in ("model01.py", "training.py", "data.py", "distributions.py", "layers.py", "compare.py"):
+    `campaign.py run` whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one
+    finishes it."""
+    for name in ("model01.py", "training.py", "config.py", "runtime.py", "run_files.py", "evaluation.py",
+                 "publishing.py", "data.py", "image_folder.py", "distributions.py", "layers.py", "compare.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     small = [a for a in SEGMENTED[:SEGMENTED.index("--segment-minutes")] if a != "--device" and a != "cpu"]
     model01 = importlib.import_module("model01")
     cfg = model01.Config.from_dict(vars(model01.build_parser().parse_args(small)))
-    job = campaign.Job(training.run_name(model01.RUNG, cfg), "model01.py", small, "a tiny run")  # as it publishes
+    job = campaign.Job(config.run_name(model01.RUNG, cfg), "model01.py", small, "a tiny run")  # as it publishes
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
 
@@ -181,12 +188,13 @@ def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path,
     other.release(second)
     out_dir = tmp_path / first.out_dir
     out_dir.mkdir(parents=True)
-    training._lock_out_dir(out_dir)  # what a modelNN.py run on that out-dir holds
+    hold = run_files.OutDir()
+    hold.take(out_dir)  # the lock a modelNN.py run on that out-dir holds
     try:
         assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is second
         assert f"{first.name}: skipped, another process is running on its out-dir" in capsys.readouterr().out
     finally:
-        training._release_out_dir_lock()
+        hold.release()
     assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is first  # free again
 
 
@@ -337,3 +345,29 @@ def test_records_under_the_older_file_name_are_migrated_once(monkeypatch, tmp_pa
     campaign.print_status(record=True, note="by hand")
     lines = (tmp_path / "campaign" / "history.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["note"] == "by hand" and not legacy.exists()
+
+
+def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(monkeypatch, data_dir, tmp_path):
+    """A pilot job runs its script with --no-test: it trains, validates (each validation records its training time)
+    and ends without a test pass or result.json; `pilots` tabulates the best bound by minutes of training."""
+    job = campaign.pilot("g", "tiny", "model01.py", ["--dataset", "binarized-mnist", "--max-steps", "40",
+                                                     "--val-every", "20", "--val-samples", "2", "--log-every", "10"],
+                         "a tiny pilot")
+    assert "--no-test" in job.command(None, None) and "--publish" not in job.command(None, None)
+    monkeypatch.setattr(campaign, "PILOTS", [job])
+    out = tmp_path / "pilot"
+    cmd = [a for a in job.command(None, str(data_dir)) if a not in ("python", "model01.py")]
+    proc = run_script("model01.py", *[str(out) if a == job.out_dir else a for a in cmd])
+    assert proc.returncode == 0 and "the test set was not used" in proc.stdout, proc.stdout + proc.stderr
+    assert not (out / "result.json").exists() and (out / "best.pt").exists()
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert not any(r["type"] == "test" for r in rows)
+    vals = [r for r in rows if r["type"] == "val"]
+    assert [v["step"] for v in vals] == [20, 40] and all(v["train_time_s"] >= 0 for v in vals)
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "CAMPAIGN_DIR", ".")
+    (tmp_path / job.name).symlink_to(out)
+    assert campaign.job_status(job)["state"] == "finished"
+    table = campaign.pilot_table()
+    best = max(v["val_bound_nats"] for v in vals)
+    assert f"| tiny | 40 | " in table and f"{best:.2f}" in table  # within 15 minutes of training: every column

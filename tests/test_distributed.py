@@ -21,6 +21,8 @@ import torch
 
 from conftest import ROOT, run_script
 
+import evaluation
+import runtime
 import training
 
 TINY_RUNG = textwrap.dedent('''
@@ -29,6 +31,7 @@ TINY_RUNG = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     import torch
     from torch import nn
+    import config
     import training
 
     RANK = os.environ.get("RANK", "0")
@@ -79,12 +82,12 @@ TINY_RUNG = textwrap.dedent('''
             return torch.sigmoid(self.decoder(torch.tanh(z))).reshape(n, *self.image_shape)
 
 
-    RUNG = training.Rung(name="tiny", config_class=training.TrainConfig, build_model=Deterministic,
+    RUNG = training.Rung(name="tiny", config_class=config.TrainConfig, build_model=Deterministic,
                          likelihood=lambda cfg, info: "bernoulli-test")
 
     if __name__ == "__main__":
         parser = argparse.ArgumentParser()
-        training.add_common_args(parser, training.TrainConfig(dataset="mnist"))
+        config.add_common_args(parser, config.TrainConfig(dataset="mnist"))
         training.run_script(RUNG, parser)
 ''')
 
@@ -209,13 +212,13 @@ def test_two_processes_continue_segments_and_a_partial_test_evaluation(tmp_path,
     proc = torchrun(script, *flags, "--out-dir", whole)
     assert proc.returncode == 0, failure(proc)
     codes = []
-    while not codes or codes[-1] == training.EXIT_SEGMENT_END:
+    while not codes or codes[-1] == runtime.EXIT_SEGMENT_END:
         assert len(codes) < 12, failure(proc)
         proc = torchrun(script, *flags, "--out-dir", segmented, env={"VAE_INJECT_SEGMENT_END": "1"})
         # torchrun exits 1 whenever a worker exits non-zero; its summary names the workers' own status
-        ended = proc.returncode == 1 and f"exitcode  : {training.EXIT_SEGMENT_END}" in proc.stderr \
+        ended = proc.returncode == 1 and f"exitcode  : {runtime.EXIT_SEGMENT_END}" in proc.stderr \
             and "Run the same command again" in proc.stderr
-        codes.append(training.EXIT_SEGMENT_END if ended else proc.returncode)
+        codes.append(runtime.EXIT_SEGMENT_END if ended else proc.returncode)
     assert codes[-1] == 0, failure(proc)
     # training segments end at steps 2 and 4; the third trains to 6 and evaluates a pass; 3 more passes on rank 0
     assert len(codes) == 6, codes
@@ -286,7 +289,7 @@ def test_run_script_leaves_a_torchrun_worker_through_os_exit_with_mains_status(m
 def test_gathered_per_image_values_go_back_to_test_set_order(n, world_size):
     images = torch.arange(n, dtype=torch.float64)  # each image's value is its index
     split = training.data_lib.Split(images, True, False)
-    shards = [training.shard(split, training.DistInfo(rank, world_size, rank)).images
+    shards = [evaluation.shard(split, runtime.DistInfo(rank, world_size, rank)).images
               for rank in range(world_size)]
     gathered = torch.cat(shards)  # what gather_per_image returns: process 0's values, then process 1's, ...
-    assert torch.equal(training.in_split_order(gathered, world_size), images)
+    assert torch.equal(evaluation.in_split_order(gathered, world_size), images)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import model01
+import publishing
 import training
 from conftest import run_script
 
@@ -68,7 +69,7 @@ def test_publishing_a_rescore_keeps_the_training_facts_and_the_number_it_replace
                "val_samples": 20, "git_commit": "b" * 40}
     result = tmp_path / "result.json"
     result.write_text(json.dumps(rescore))
-    training.publish_result(result, published)
+    publishing.publish_result(result, published)
     got = json.loads(published.read_text())
     assert (got["eval_samples"], got["test_ll_nats"], got["git_commit"]) == (5000, -89.9, "b" * 40)
     assert got["stopped_by_time_limit"] is True and got["n_val"] == 1000 and got["world_size"] == 1
@@ -79,7 +80,7 @@ def test_publishing_a_rescore_keeps_the_training_facts_and_the_number_it_replace
     # another run's row, or a training run's result, is copied as it is
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**old, "run_name": "another"}))
-    training.publish_result(result, other)
+    publishing.publish_result(result, other)
     assert json.loads(other.read_text()) == rescore
 
 
@@ -95,12 +96,12 @@ def test_rescoring_the_runs_best_checkpoint_keeps_the_runs_total_steps(tmp_path)
                "best_step": 1500}
     result = tmp_path / "result.json"
     result.write_text(json.dumps(rescore))
-    training.publish_result(result, published)
+    publishing.publish_result(result, published)
     got = json.loads(published.read_text())
     assert (got["steps"], got["epochs"], got["train_time_s"], got["best_step"]) == (2500, 4.24, 1162.9, 1500)
     assert got["training_summary_from_previous_result"] == ["steps", "epochs", "train_time_s"]
     # the checkpoint of the last step (best_step == steps): nothing to carry
     published.write_text(json.dumps({**old, "steps": 1500}))
-    training.publish_result(result, published)
+    publishing.publish_result(result, published)
     got = json.loads(published.read_text())
     assert got["steps"] == 1500 and "training_summary_from_previous_result" not in got

@@ -1,4 +1,4 @@
-"""training.evaluate_bound: the chunked, streaming L_S equals the one-shot log-mean-exp over all S samples.
+"""evaluation.evaluate_bound: the chunked, streaming L_S equals the one-shot log-mean-exp over all S samples.
 
 An estimator with random samples cannot be compared exactly, so the model here has deterministic
 log-weights: sample s of image b gets log w = f(s, x_b), where s counts the samples drawn for the
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import data as data_lib
-import training
+import evaluation
+import runtime
 
 S = 50  # importance samples per image in these tests
 N = 8  # test images
@@ -71,7 +72,7 @@ def closed_form(split: data_lib.Split) -> torch.Tensor:
 @pytest.mark.parametrize("chunk", [1, 7, S - 1, S, 3 * S + 5, 10 ** 6])
 def test_chunked_evaluation_equals_one_shot(split, chunk):
     model = ScheduledModel(S)
-    ll = training.evaluate_bound(model, split, S, seed=0, chunk=chunk)
+    ll = evaluation.evaluate_bound(model, split, S, seed=0, chunk=chunk)
     expected = closed_form(split)
     assert ll.dtype == torch.float64 and ll.shape == (N,)
     assert torch.isfinite(expected).all() and expected.abs().max() > 100  # exp() would overflow float32
@@ -92,7 +93,7 @@ def test_streaming_log_sum_exp_equals_logsumexp_over_all():
 
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(split):
     model = ScheduledModel(S, max_latents=16)
-    ll = training.evaluate_bound(model, split, S, seed=0, chunk=1000)
+    ll = evaluation.evaluate_bound(model, split, S, seed=0, chunk=1000)
     torch.testing.assert_close(ll, closed_form(split), rtol=0, atol=2e-3)
     assert max(k * b for k, b in model.passes) <= 16
     assert sum(k * b for k, b in model.passes) == N * S  # failed passes drew nothing and were retried
@@ -105,7 +106,7 @@ def test_all_minus_inf_weights_give_minus_inf_not_nan():
             return {"log_px_z": minus_inf, "log_pz": torch.zeros_like(minus_inf), "log_qz": torch.zeros_like(minus_inf)}
 
     split = data_lib.Split(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), binary=True)
-    ll = training.evaluate_bound(Impossible(), split, 10, seed=0, chunk=4)
+    ll = evaluation.evaluate_bound(Impossible(), split, 10, seed=0, chunk=4)
     assert torch.equal(ll, torch.full((3,), -math.inf, dtype=torch.float64))
 
 
@@ -128,17 +129,17 @@ def test_real_model_one_pass_equals_direct_computation_and_is_rng_neutral():
     model, split = iwae_model(), binary_split(6)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    ll = training.evaluate_bound(model, split, 40, seed=7, chunk=10 ** 6)
+    ll = evaluation.evaluate_bound(model, split, 40, seed=7, chunk=10 ** 6)
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training  # the caller's mode is restored
     with torch.no_grad():
         torch.manual_seed(7)
         model.eval()
-        direct = training.bound_per_image(training.log_weights(model(split.to_float(split.images), 40)), "iwae")
+        direct = evaluation.bound_per_image(evaluation.log_weights(model(split.to_float(split.images), 40)), "iwae")
         model.train()
     torch.testing.assert_close(ll, direct.double(), rtol=0, atol=1e-4)
-    assert torch.equal(training.evaluate_bound(model, split, 40, seed=7, chunk=10 ** 6), ll)
-    assert not torch.equal(training.evaluate_bound(model, split, 40, seed=8, chunk=10 ** 6), ll)
+    assert torch.equal(evaluation.evaluate_bound(model, split, 40, seed=7, chunk=10 ** 6), ll)
+    assert not torch.equal(evaluation.evaluate_bound(model, split, 40, seed=8, chunk=10 ** 6), ll)
 
 
 def test_real_model_chunked_estimate_agrees_statistically():
@@ -146,8 +147,8 @@ def test_real_model_chunked_estimate_agrees_statistically():
     S = 400 their per-image difference is about 0.2 nats (seeded, so deterministic), while a mis-normalised
     chunk (log 37 instead of log 400) would be off by 2.4 nats. The exact checks are the tests above."""
     model, split = iwae_model(), binary_split(4)
-    one_shot = training.evaluate_bound(model, split, 400, seed=0, chunk=10 ** 6)
-    chunked = training.evaluate_bound(model, split, 400, seed=1, chunk=37)
+    one_shot = evaluation.evaluate_bound(model, split, 400, seed=0, chunk=10 ** 6)
+    chunked = evaluation.evaluate_bound(model, split, 400, seed=1, chunk=37)
     assert (one_shot - chunked).abs().max() < 0.5
 
 
@@ -159,7 +160,7 @@ def test_cuda_device_turns_tf32_off_so_float32_evaluation_is_float32(monkeypatch
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-        device = training.resolve_device("cuda", training.DistInfo())
+        device = runtime.resolve_device("cuda", runtime.DistInfo())
         assert device.type == "cuda"
         assert torch.backends.cudnn.allow_tf32 is False
         assert torch.backends.cuda.matmul.allow_tf32 is False

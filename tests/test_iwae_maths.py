@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import data as data_lib
-import training
+import evaluation
 from distributions import (bernoulli_likelihood, diagonal_gaussian, kl_independent_normals, log_mean_exp,
                            standard_normal)
 
@@ -61,12 +61,12 @@ class LinearGaussian(nn.Module):
 
 
 def _bound(model, x, k, objective="iwae"):
-    return training.bound_per_image(training.log_weights(model(x, k)), objective)
+    return evaluation.bound_per_image(evaluation.log_weights(model(x, k)), objective)
 
 
 def _bound_draws(model, x, k, reps):
     """`reps` independent draws of L_k per image from one forward pass: [reps, B]."""
-    log_w = training.log_weights(model(x, k * reps)).reshape(reps, k, x.shape[0])
+    log_w = evaluation.log_weights(model(x, k * reps)).reshape(reps, k, x.shape[0])
     return log_mean_exp(log_w, dim=1)
 
 
@@ -102,8 +102,8 @@ def test_k1_iwae_equals_elbo_and_matches_the_closed_form_elbo():
     model = LinearGaussian(seed=2)
     x = torch.randn(4, 3)
     out = model(x, 1)
-    log_w = training.log_weights(out)
-    torch.testing.assert_close(training.bound_per_image(log_w, "iwae"), training.bound_per_image(log_w, "vae"))
+    log_w = evaluation.log_weights(out)
+    torch.testing.assert_close(evaluation.bound_per_image(log_w, "iwae"), evaluation.bound_per_image(log_w, "vae"))
     # closed form ELBO = E_q[log p(x|z)] - KL(q || p(z)) for the linear-Gaussian model
     q = model.posterior(x)
     m, S = q.mean, q.covariance_matrix  # [B, d], [B, d, d]
@@ -118,7 +118,7 @@ def test_k1_iwae_equals_elbo_and_matches_the_closed_form_elbo():
 
 
 def test_evaluate_bound_chunks_and_streams_to_the_exact_value():
-    """training.evaluate_bound on the exact-posterior model gives log p(x) whatever the chunking."""
+    """evaluation.evaluate_bound on the exact-posterior model gives log p(x) whatever the chunking."""
     model = LinearGaussian(d=2, D=4, exact_posterior=True).float()
     for name in ("W", "b", "A", "post_cov"):
         setattr(model, name, getattr(model, name).float())
@@ -126,7 +126,7 @@ def test_evaluate_bound_chunks_and_streams_to_the_exact_value():
     split = data_lib.Split(images, binary=False)
     expected = model.log_marginal(split.to_float(images).reshape(13, -1)).double()
     for chunk in (17, 10_000):  # 17: one image and 17 samples a pass, ragged last chunk
-        got = training.evaluate_bound(model, split, num_samples=50, seed=0, chunk=chunk)
+        got = evaluation.evaluate_bound(model, split, num_samples=50, seed=0, chunk=chunk)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
@@ -137,10 +137,10 @@ def test_evaluate_bound_is_seeded_and_leaves_the_global_rng_alone():
     split = data_lib.Split(torch.randint(0, 256, (10, 1, 1, 3), dtype=torch.uint8), binary=False)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = training.evaluate_bound(model, split, 20, seed=5, chunk=30)
+    a = evaluation.evaluate_bound(model, split, 20, seed=5, chunk=30)
     assert torch.equal(torch.get_rng_state(), before)
-    b = training.evaluate_bound(model, split, 20, seed=5, chunk=30)
-    c = training.evaluate_bound(model, split, 20, seed=6, chunk=30)
+    b = evaluation.evaluate_bound(model, split, 20, seed=5, chunk=30)
+    c = evaluation.evaluate_bound(model, split, 20, seed=6, chunk=30)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

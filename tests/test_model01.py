@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 import data as data_lib
-import training
+import config
+import run_files
+import runtime
 from conftest import run_script
 from model01 import IWAE, Config
 
@@ -60,7 +62,7 @@ def test_log_is_jsonl_with_types_and_the_loss_goes_down(quick_run):
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(quick_run, data_dir):
     out, _ = quick_run
-    ckpt = training.load_checkpoint(out / "ckpt.pt", "model01")
+    ckpt = run_files.load_checkpoint(out / "ckpt.pt", "model01")
     saved_config = json.loads((out / "config.json").read_text())
     assert ckpt["config"] == {k: v for k, v in saved_config.items() if k not in ("model", "run_name")}
     assert ckpt["step"] == 500 and ckpt["optimizer"] is not None and ckpt["rng"]["torch"] is not None
@@ -69,8 +71,8 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(quick_run, data_dir):
     model.load_state_dict(ckpt["model"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, ckpt["model"][name])
-    with pytest.raises(training.UserError, match="model01"):
-        training.load_checkpoint(out / "ckpt.pt", "model02")
+    with pytest.raises(runtime.UserError, match="model01"):
+        run_files.load_checkpoint(out / "ckpt.pt", "model02")
 
 
 def test_rerun_with_another_config_in_the_same_out_dir_is_refused(quick_run, data_dir):
@@ -156,9 +158,9 @@ def test_run_name_carries_a_batch_other_than_the_default():
     """A schedule in epochs gives 5x the updates at the paper's batch of 20: that run is another experiment and must
     not publish over the batch-100 row, whose name stays as published."""
     import model01
-    assert training.run_name(model01.RUNG, Config()) == "model01_binarized-mnist_iwae_k5_seed0"
-    assert training.run_name(model01.RUNG, Config(batch_size=20)) == "model01_binarized-mnist_iwae_k5_b20_seed0"
-    assert training.run_name(model01.RUNG, Config(batch_size=20, init="burda")) == \
+    assert config.run_name(model01.RUNG, Config()) == "model01_binarized-mnist_iwae_k5_seed0"
+    assert config.run_name(model01.RUNG, Config(batch_size=20)) == "model01_binarized-mnist_iwae_k5_b20_seed0"
+    assert config.run_name(model01.RUNG, Config(batch_size=20, init="burda")) == \
         "model01_binarized-mnist_iwae_k5_b20_initburda_seed0"
 
 
@@ -204,7 +206,7 @@ def test_burda_init_is_the_papers_glorot_and_output_bias():
     with torch.no_grad():
         model01.init_output_bias(default, None, Config())  # nothing to do, not even a look at the data
     assert all(torch.count_nonzero(m.bias) == m.bias.numel() for m in default.modules() if isinstance(m, torch.nn.Linear))
-    with pytest.raises(training.UserError, match="unknown init 'glorot'"):
+    with pytest.raises(runtime.UserError, match="unknown init 'glorot'"):
         IWAE(Config(init="glorot"), info)
 
 

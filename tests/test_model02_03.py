@@ -14,7 +14,8 @@ from torch import nn
 import data
 import model02
 import model03
-import training
+import evaluation
+import runtime
 from conftest import run_script
 
 RUNGS = {"model02": model02, "model03": model03}
@@ -221,7 +222,7 @@ def test_one_training_step(name, info):
     out = model(x, 3)
     assert calls == [("encoder", 6), ("decoder", 18)]
     assert all(v.shape == (3, 6) and torch.isfinite(v).all() for v in out.values())
-    loss = -training.bound_per_image(training.log_weights(out), "iwae").mean()
+    loss = -evaluation.bound_per_image(evaluation.log_weights(out), "iwae").mean()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     loss.backward()
@@ -248,7 +249,7 @@ def test_binary_data_sets_are_rejected():
     with pytest.raises(SystemExit) as excinfo:
         model02.build_parser().parse_args(["--dataset", "binarized-mnist"])
     assert excinfo.value.code == 2
-    with pytest.raises(training.UserError, match="8-bit images"):
+    with pytest.raises(runtime.UserError, match="8-bit images"):
         model03.build_model(model03.Config(), data.DATASETS["binarized-mnist"])
 
 

@@ -14,6 +14,8 @@ import torch
 
 import data as data_lib
 import model04
+import evaluation
+import runtime
 import training
 from conftest import run_script
 from distributions import log_mean_exp
@@ -65,7 +67,7 @@ def eight_bit_images(n, channels=3, side=32, seed=0):
 
 
 def log_w(out):
-    return training.log_weights(out).double()  # [k, B]
+    return evaluation.log_weights(out).double()  # [k, B]
 
 
 # ----------------------------------------------------------------------------- shapes and sample layout
@@ -217,9 +219,9 @@ def test_bad_likelihood_for_the_data_set_is_a_clear_error(capsys):
         torch.distributions.Distribution.set_default_validate_args(validate)
     assert status == 2
     assert "8-bit pixels" in capsys.readouterr().err
-    with pytest.raises(training.UserError, match="free-bits"):
+    with pytest.raises(runtime.UserError, match="free-bits"):
         model04.Config(objective="iwae", importance_samples=5, free_bits=0.5)
-    with pytest.raises(training.UserError, match="every latent resolution"):
+    with pytest.raises(runtime.UserError, match="every latent resolution"):
         model04.Config(latent_layers=2, downsamplings=3)
 
 

@@ -20,7 +20,10 @@ import torch
 
 from conftest import ROOT, run_script
 
+import config
 import model01
+import run_files
+import runtime
 import training
 
 # Tiny but complete: checkpoints at 10, 20, 30, 40; validation (and best.pt) at 20 and 40; EMA on, so
@@ -106,7 +109,7 @@ def test_sigterm_mid_training_then_resume_matches_uninterrupted_run(baseline, da
     assert "SIGTERM received: stopped after step" in stderr and "Run the same command again" in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
     assert stopped_at >= 10
-    ckpt = training.load_checkpoint(out / "ckpt.pt", "model01")
+    ckpt = run_files.load_checkpoint(out / "ckpt.pt", "model01")
     assert ckpt["step"] == stopped_at  # the step in progress was finished and checkpointed
     assert not (out / "result.json").exists()
 
@@ -143,7 +146,7 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_130(data_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr and "SIGINT received: stopped after step" in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
-    assert training.load_checkpoint(out / "ckpt.pt", "model01")["step"] == stopped_at >= 10
+    assert run_files.load_checkpoint(out / "ckpt.pt", "model01")["step"] == stopped_at >= 10
 
 
 def test_signal_outside_the_training_steps_stops_with_a_message(in_process, monkeypatch, baseline, data_dir,
@@ -162,7 +165,7 @@ def test_signal_outside_the_training_steps_stops_with_a_message(in_process, monk
     assert status == 128 + signal.SIGTERM
     assert err.startswith("SIGTERM received outside a training step: stopped.") and "Traceback" not in err
     assert file_hashes(tmp_path) == before
-    assert signal.getsignal(signal.SIGTERM) is not training._interrupt_now  # main() restored the handlers
+    assert signal.getsignal(signal.SIGTERM) is not runtime.interrupt_now  # main() restored the handlers
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, data_dir, tmp_path):
@@ -170,7 +173,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, da
     # Saves in order: ckpt@10, best@20, ckpt@20 <- killed halfway through writing this one's temp file.
     killed = run_model01(out, data_dir, *SMALL, env={"VAE_INJECT_KILL_DURING_SAVE": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert training.load_checkpoint(out / "ckpt.pt", "model01")["step"] == 10
+    assert run_files.load_checkpoint(out / "ckpt.pt", "model01")["step"] == 10
     stale = list(out.glob(".ckpt.pt.tmp*"))
     assert len(stale) == 1, "the injected kill should leave a half-written temp file"
     with pytest.raises(Exception):
@@ -187,8 +190,8 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(baseline, da
 def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path, monkeypatch):
     """An exception inside torch.save (as from a signal or a full disk) keeps the old file, removes the temp."""
     path = tmp_path / "ckpt.pt"
-    training.atomic_torch_save({"step": 1}, path)
-    training.atomic_write_json(tmp_path / "result.json", {"a": 1})
+    run_files.atomic_torch_save({"step": 1}, path)
+    run_files.atomic_write_json(tmp_path / "result.json", {"a": 1})
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -196,7 +199,7 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        training.atomic_torch_save({"step": 2}, path)
+        run_files.atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert load(path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "result.json"]
@@ -252,7 +255,7 @@ def test_nan_forever_stops_with_the_step_and_last_finite_metrics(in_process, mon
     last_finite = json.loads(err.split("Last finite metrics: ")[1].split("}")[0] + "}")
     assert last_finite["step"] == 30 and last_finite["loss"] > 0  # 5 finite updates in steps 21..30
     assert err.strip().splitlines()[-1].startswith("error: 15 consecutive") and "Traceback" not in err  # one line
-    ckpt = training.load_checkpoint(out / "ckpt.pt", "model01")  # the last checkpoint is kept, usable
+    ckpt = run_files.load_checkpoint(out / "ckpt.pt", "model01")  # the last checkpoint is kept, usable
     assert ckpt["step"] == 30 and ckpt["n_skipped"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {25}
@@ -395,6 +398,44 @@ def test_bad_input_exits_2_from_the_command_line(baseline, data_dir, tmp_path):
     assert file_hashes(tmp_path) == before
 
 
+FAILED_STARTS = {  # case -> (script, flags, words of its one message); none of them can start a run
+    "data-missing": ("model02.py", ["--data-dir", "{tmp}/no-data"], "error: data not found"),
+    "batch-too-big": ("model01.py", ["--batch-size", "100000"], "exceeds the 59000 training images"),
+    "flag-not-a-number": ("model02.py", ["--batch-size", "many"], "error: argument --batch-size: invalid int value"),
+    "flag-out-of-range": ("model02.py", ["-k", "0"], "error: --importance-samples must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_STARTS))
+def test_a_start_that_fails_leaves_no_out_dir_behind(case, data_dir, tmp_path):
+    """The out-dir (and its missing parents) appear when a run starts; when the start fails after creating them
+    (no data, a batch larger than the data), they go again. Folders that existed before stay (see the bad-input
+    cases above, whose out-dirs exist and keep every file, and the lock test below)."""
+    script, flags, message = FAILED_STARTS[case]
+    out = tmp_path / "new" / "run"
+    proc = run_script(script, "--data-dir", data_dir, "--max-steps", "1", "--device", "cpu", "--out-dir", out,
+                      *[f.format(tmp=tmp_path) for f in flags], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if not case.startswith("flag-not"):  # (argparse's own message comes after its usage lines)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_start_that_fails_leaves_no_default_out_dir_behind(tmp_path):
+    """The same for the default out-dir runs/<run name> (a seed no other run uses names a folder of its own)."""
+    import model02
+    flags = ["--data-dir", str(tmp_path / "no-data"), "--seed", "7130529", "--device", "cpu"]
+    cfg = model02.Config.from_dict(vars(model02.build_parser().parse_args(flags)))
+    default = ROOT / "runs" / config.run_name(model02.RUNG, cfg)
+    runs_existed = (ROOT / "runs").exists()
+    assert not default.exists(), f"{default} exists before the test"
+    proc = run_script("model02.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data not found"), proc.stderr
+    assert not default.exists()
+    assert (ROOT / "runs").exists() == runs_existed  # a runs/ made for this start goes with it
+
+
 # ----------------------------------------------------------------------------- wandb
 
 
@@ -465,7 +506,7 @@ def test_wandb_online_failure_falls_back_to_offline_then_to_none(monkeypatch, ca
     monkeypatch.setenv("WANDB_API_KEY", "fake-key")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(init_online_fails))
-    assert training.init_wandb(model01.Config(), "run", tmp_path) == "offline run"
+    assert run_files.init_wandb(model01.Config(), "run", tmp_path) == "offline run"
     assert modes == ["online", "offline"]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: wandb could not start online (TimeoutError: fake wandb:")
@@ -475,7 +516,7 @@ def test_wandb_online_failure_falls_back_to_offline_then_to_none(monkeypatch, ca
         raise RuntimeError(f"fake wandb: {mode} broken")
 
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb(init_always_fails))
-    assert training.init_wandb(model01.Config(), "run", tmp_path) is None
+    assert run_files.init_wandb(model01.Config(), "run", tmp_path) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "online broken" in err and "continuing without wandb" in err
 
@@ -514,6 +555,7 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused_and_the_lock_ends_with_the
     code = training.main(model01.RUNG, model01.build_parser(),
                          ["--out-dir", str(out), "--data-dir", str(tmp_path / "no-data"), *SMALL])
     assert code == 2 and "in use" not in capsys.readouterr().err
+    assert out.is_dir()  # it existed before this failed start: empty, it still stays
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run still held it

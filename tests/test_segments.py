@@ -3,8 +3,8 @@ their state and exit 75, and the same command continues them; the chained segmen
 one uninterrupted run gives. The partial test evaluation (test_eval.pt) belongs to one set of weights and
 settings, and survives SIGINT/SIGTERM.
 
-The deadline is made deterministic by patching training.segment_deadline to "already passed": each
-invocation then trains up to the next log step, or evaluates one pass, and stops.
+The deadline is made deterministic by VAE_INJECT_SEGMENT_END=1, which makes runtime.segment_deadline "already
+passed": each invocation then trains up to the next log step, or evaluates one pass, and stops.
 """
 import json
 import math
@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+import evaluation
 import model01
-import training
+import runtime
 from data import Split
 from test_reliability import SMALL, assert_same_training_state, file_hashes, in_process, load, read_log  # noqa: F401
 
@@ -26,9 +27,9 @@ def test_chained_segments_match_an_uninterrupted_run(in_process, monkeypatch, da
     status, _, err = in_process("--out-dir", reference, *flags)  # 60 minutes: never reached
     assert status == 0, err
 
-    monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # always already passed
+    monkeypatch.setenv("VAE_INJECT_SEGMENT_END", "1")  # always already passed
     statuses, messages = [], []
-    while not statuses or statuses[-1] == training.EXIT_SEGMENT_END:
+    while not statuses or statuses[-1] == runtime.EXIT_SEGMENT_END:
         assert len(statuses) < 20, messages[-1]
         status, _, err = in_process("--out-dir", out, *flags)
         statuses.append(status)
@@ -49,7 +50,7 @@ def test_chained_segments_match_an_uninterrupted_run(in_process, monkeypatch, da
     assert (got["eval_segments"], want["eval_segments"]) == (5, 1)
     # where each evaluating invocation started: at 0 and after each pass of 10 images, on this machine
     assert [seg["from_image"] for seg in got["eval_segment_log"]] == [0, 10, 20, 30, 40]
-    assert {seg["device"] for seg in got["eval_segment_log"]} == {training.device_name(torch.device("cpu"))}
+    assert {seg["device"] for seg in got["eval_segment_log"]} == {runtime.device_name(torch.device("cpu"))}
     assert [seg["from_image"] for seg in want["eval_segment_log"]] == [0]
     assert got["steps"] == want["steps"] == 40 and got["best_step"] == want["best_step"]
     assert_same_training_state(load(out / "ckpt.pt"), load(reference / "ckpt.pt"))
@@ -66,9 +67,9 @@ def test_a_partial_test_evaluation_belongs_to_its_settings(in_process, monkeypat
     evaluation = tmp_path / "eval"
     eval_flags = ["--eval-only", "--checkpoint", out / "best.pt", "--out-dir", evaluation, "--data-dir", data_dir,
                   "--eval-samples", "5", "--eval-chunk", "50", "--segment-minutes", "60"]
-    monkeypatch.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)
+    monkeypatch.setenv("VAE_INJECT_SEGMENT_END", "1")
     status, _, err = in_process(*eval_flags)
-    assert status == training.EXIT_SEGMENT_END, err
+    assert status == runtime.EXIT_SEGMENT_END, err
     assert (evaluation / "test_eval.pt").exists() and not (evaluation / "result.json").exists()
     before = file_hashes(evaluation)
     for changed in (["--eval-samples", "6"], ["--eval-chunk", "25"], ["--seed", "3"]):
@@ -89,8 +90,8 @@ def test_a_state_saved_before_the_segment_log_existed_continues_with_its_device_
     eval_flags = ["--eval-only", "--checkpoint", out / "best.pt", "--out-dir", evaluation, "--data-dir", data_dir,
                   "--eval-samples", "5", "--eval-chunk", "50", "--segment-minutes", "60"]
     with monkeypatch.context() as m:
-        m.setattr(training, "segment_deadline", lambda cfg, t_start: t_start)  # one pass of 10 images
-        assert in_process(*eval_flags)[0] == training.EXIT_SEGMENT_END
+        m.setenv("VAE_INJECT_SEGMENT_END", "1")  # one pass of 10 images
+        assert in_process(*eval_flags)[0] == runtime.EXIT_SEGMENT_END
     state = load(evaluation / "test_eval.pt")
     assert [seg["from_image"] for seg in state["segment_log"]] == [0]
     del state["segment_log"]  # as the code of an earlier commit wrote it
@@ -99,7 +100,7 @@ def test_a_state_saved_before_the_segment_log_existed_continues_with_its_device_
     assert status == 0, err
     log = json.loads((evaluation / "result.json").read_text())["eval_segment_log"]
     assert log[0] == {"from_image": 0, "device": None, "git_commit": None}
-    assert log[1]["from_image"] == 10 and log[1]["device"] == training.device_name(torch.device("cpu"))
+    assert log[1]["from_image"] == 10 and log[1]["device"] == runtime.device_name(torch.device("cpu"))
 
 
 def test_segment_minutes_must_not_be_negative(in_process, data_dir, tmp_path):
@@ -120,7 +121,7 @@ class NoisyModel(torch.nn.Module):
     def forward(self, x, k):
         self.calls += 1
         if self.calls == self.raise_on_call:
-            raise training.Interrupted("SIGTERM", 15)
+            raise runtime.Interrupted("SIGTERM", 15)
         noise = torch.randn(k, x.shape[0])
         return {"log_px_z": x.flatten(1).sum(1) + noise, "log_pz": torch.zeros(k, x.shape[0]),
                 "log_qz": torch.zeros(k, x.shape[0])}
@@ -133,11 +134,11 @@ def split():
 
 
 def test_evaluate_bound_resumes_bit_identically_after_a_deadline(split):
-    want = training.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90)  # 3 images of 30 samples per pass
+    want = evaluation.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90)  # 3 images of 30 samples per pass
     records, calls, progress = [], 0, None
     while True:
         calls += 1
-        got = training.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=progress,
+        got = evaluation.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=progress,
                                       deadline=-math.inf, on_save=records.append)
         if got is not None:
             break
@@ -148,17 +149,17 @@ def test_evaluate_bound_resumes_bit_identically_after_a_deadline(split):
 
 
 def test_evaluate_bound_saves_its_progress_when_interrupted(split):
-    want = training.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90)
+    want = evaluation.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90)
     records = []
-    with pytest.raises(training.Interrupted):  # in the middle of the 4th pass
-        training.evaluate_bound(NoisyModel(raise_on_call=4), split, 30, seed=4, chunk=90, on_save=records.append)
+    with pytest.raises(runtime.Interrupted):  # in the middle of the 4th pass
+        evaluation.evaluate_bound(NoisyModel(raise_on_call=4), split, 30, seed=4, chunk=90, on_save=records.append)
     assert len(records) == 1 and records[0]["done"] == 9  # the three passes that finished
     assert torch.equal(records[0]["ll"], want[:9])
-    rest = training.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=records[0])
+    rest = evaluation.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=records[0])
     assert torch.equal(rest, want)
     # and the caller's random state is untouched by all of it
     torch.manual_seed(11)
     expected = torch.rand(3)
     torch.manual_seed(11)
-    training.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=records[0])
+    evaluation.evaluate_bound(NoisyModel(), split, 30, seed=4, chunk=90, resume=records[0])
     assert torch.equal(torch.rand(3), expected)
