@@ -131,8 +131,8 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    # the vector unit and bf16 support tell CPUs with the same model name apart (both measured here were
-    # "AMD EPYC": one where --cpu-bf16 measured faster than float32, one with AVX2 only, where it is emulated and slow)
+    # the vector unit and bf16 support tell CPUs with the same model name apart (one "AMD EPYC" may have native bf16,
+    # where --cpu-bf16 is faster than float32, another AVX2 only, where bf16 is emulated and slow)
     capability = torch.backends.cpu.get_cpu_capability()
     if cpu_has_native_bf16():
         capability += " with native bf16"
