@@ -44,6 +44,7 @@ collapsed layer shows.
     python model04.py --quick --data-dir ../shared/data               # about a minute on 2 CPU cores
     python model04.py --dataset cifar10-jpeg --data-dir ../shared/data  # colour: MoDL with RGB coupling
     python model04.py --dataset cifar10-jpeg --no-rgb-coupling --mixture-components 1   # the ablations of p(x|z)
+    python model04.py --dataset cifar10-jpeg --latent-layers 1 --top-down-layers 6     # ... and of the hierarchy
 
 Figures: test images, reconstructions, prior samples at temperature 1 and --sample-temperature, and
 `layers`: what each stochastic layer encodes (a row per layer, top first: that layer resampled from its
@@ -83,6 +84,9 @@ class Config(config.TrainConfig):
     rgb_coupling: bool = True  # a channel's location depends on the pixel's earlier channels (PixelCNN++)
     min_log_scale: float = -7.0  # floor of the mixture's log-scales (pixel units; 1 bin = 1/255 ~ e^-5.5)
     latent_layers: int = 6  # L stochastic layers, spread over the resolutions (coarsest first)
+    # top-down layers in all (0: L). With more, the first L (the coarsest) are stochastic and the rest deterministic
+    # blocks of the same shape: the same network with fewer latent layers (e.g. --latent-layers 1 --top-down-layers 6)
+    top_down_layers: int = 0
     downsamplings: int = 3  # latent resolutions H/2 ... H/2^D: 14, 7, 4 for MNIST; 16, 8, 4 for 32x32
     latent_channels: int = 16  # latent units per position of every layer
     width: int = 64  # channels of the deterministic paths
@@ -132,9 +136,13 @@ class Config(config.TrainConfig):
               f"--likelihood logistic-mixture is a pmf over 256 levels, but {self.dataset} has {{0,1}} pixels: "
               f"use --likelihood bernoulli (the default for it), or an 8-bit data set.")
         check(self.downsamplings >= 1, f"--downsamplings must be >= 1, got {self.downsamplings}")
-        check(self.latent_layers >= self.downsamplings,
-              f"--latent-layers ({self.latent_layers}) must be >= --downsamplings ({self.downsamplings}): "
-              f"every latent resolution gets at least one stochastic layer")
+        check(self.latent_layers >= 1, f"--latent-layers must be >= 1, got {self.latent_layers}")
+        check(self.top_down_layers == 0 or self.top_down_layers >= self.latent_layers,
+              f"--top-down-layers ({self.top_down_layers}) must be 0 (= --latent-layers) or at least "
+              f"--latent-layers ({self.latent_layers})")
+        check((self.top_down_layers or self.latent_layers) >= self.downsamplings,
+              f"--latent-layers ({self.latent_layers}, or --top-down-layers when given) must be >= --downsamplings "
+              f"({self.downsamplings}): every latent resolution gets at least one top-down layer")
         side = min(info.shape[1:])
         check(side / 2 ** self.downsamplings >= 2,
               f"--downsamplings {self.downsamplings} would shrink {side}x{side} images below 2x2")
@@ -208,6 +216,23 @@ class TopDownLayer(nn.Module):
         return h, prior, posterior, z
 
 
+class DeterministicLayer(nn.Module):
+    """A top-down layer without a latent (--top-down-layers > --latent-layers): the state update of a TopDownLayer
+    with no z, so a model with fewer stochastic layers keeps the same network. Same call and outputs, with
+    prior, posterior and z None."""
+
+    def __init__(self, width: int, blocks: int, out_scale: float):
+        super().__init__()
+        self.state_net = nn.Sequential(nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                                       nn.Conv2d(width, width, 1))
+        self.blocks = nn.Sequential(*[ResidualBlock(width, out_scale=out_scale) for _ in range(blocks)])
+        with torch.no_grad():
+            self.state_net[-1].weight.mul_(out_scale)  # residual updates of the state start small
+
+    def forward(self, h, k: int, features=None, temperature: float = 1.0):
+        return self.blocks(h + self.state_net(h)), None, None, None
+
+
 class HierarchicalVAE(nn.Module):
     channels_last = True  # NHWC convs: faster on GPUs (tensor cores) and, for few channels, on CPUs too
 
@@ -226,8 +251,10 @@ class HierarchicalVAE(nn.Module):
         self.resolutions = [(height, width_px)]
         for _ in range(cfg.downsamplings):
             self.resolutions.append(tuple(math.ceil(s / 2) for s in self.resolutions[-1]))
-        self.layer_resolution = layer_resolutions(cfg.latent_layers, cfg.downsamplings)
-        n_blocks = 1 + cfg.downsamplings * cfg.encoder_blocks + cfg.latent_layers * (1 + cfg.blocks_per_layer)
+        num_top_down = cfg.top_down_layers or cfg.latent_layers
+        self.layer_resolution = layer_resolutions(num_top_down, cfg.downsamplings)  # every top-down layer's
+        self.latent_resolution = self.layer_resolution[:cfg.latent_layers]  # the stochastic ones': the first L
+        n_blocks = 1 + cfg.downsamplings * cfg.encoder_blocks + num_top_down * (1 + cfg.blocks_per_layer)
         out_scale = 1.0 / math.sqrt(n_blocks)  # keeps the residual streams' variance bounded at init
         # bottom-up
         self.stem = nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), ResidualBlock(w, out_scale=out_scale))
@@ -237,7 +264,9 @@ class HierarchicalVAE(nn.Module):
         # top-down
         self.top_state = nn.Parameter(torch.zeros(1, w, *self.resolutions[self.layer_resolution[0]]))
         self.layers = nn.ModuleList([TopDownLayer(w, cfg.latent_channels, cfg.blocks_per_layer, out_scale)
-                                     for _ in range(cfg.latent_layers)])
+                                     for _ in range(cfg.latent_layers)]
+                                    + [DeterministicLayer(w, cfg.blocks_per_layer, out_scale)
+                                       for _ in range(num_top_down - cfg.latent_layers)])
         if self.likelihood_name == "bernoulli":
             out_channels = channels  # one logit per pixel
         else:
@@ -258,8 +287,8 @@ class HierarchicalVAE(nn.Module):
         return features
 
     def top_down(self, k: int, batch: int, features=None, temperature: float = 1.0):
-        """Top-down on k*batch rows -> (final state [k*batch, w, H/2, W/2], [(prior, posterior, z)] per layer,
-        top first). features None: every z_l ~ p(z_l | z_<l) at `temperature`, else z_l ~ q."""
+        """Top-down on k*batch rows -> (final state [k*batch, w, H/2, W/2], [(prior, posterior, z)] per stochastic
+        layer, top first). features None: every z_l ~ p(z_l | z_<l) at `temperature`, else z_l ~ q."""
         h = self.top_state.expand(k * batch, *self.top_state.shape[1:])
         return self.top_down_layers(h, range(len(self.layers)), k, features, [temperature] * len(self.layers))
 
@@ -273,7 +302,8 @@ class HierarchicalVAE(nn.Module):
                 h = upsample_to(h, self.resolutions[d])
             h, prior, posterior, z = self.layers[i](h, k, None if features is None else features[d - 1],
                                                     temperatures[i])
-            per_layer.append((prior, posterior, z))
+            if prior is not None:  # (a deterministic layer has none)
+                per_layer.append((prior, posterior, z))
         return h, per_layer
 
     def pixel_distribution(self, h, k: int):
@@ -331,10 +361,10 @@ class HierarchicalVAE(nn.Module):
         chain z_1..z_L; row l keeps z_1..z_(l-1) of that draw, resamples z_l from p(z_l | z_<l) in every
         column, and puts the layers below at their prior means. -> means of p(x|z) [L * columns, C, H, W],
         row 1 (the top layer) first: what varies along a row is what layer l decides."""
-        num_layers = len(self.layers)
+        num_layers, num_latent = len(self.layers), len(self.latent_resolution)
         h = self.top_state.expand(1, *self.top_state.shape[1:])
-        states = []  # the chain's state before each layer, [1, w, r, r]
-        for i in range(num_layers):
+        states = []  # the chain's state before each stochastic layer, [1, w, r, r]
+        for i in range(num_latent):
             states.append(h)
             h, _ = self.top_down_layers(h, [i], 1, None, [1.0] * num_layers)
         rows = []
@@ -371,7 +401,7 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
     device = split.images.device
     n, s = len(split), ACTIVE_UNIT_SAMPLES
     images_per_pass = max(1, (cfg.eval_chunk or 16384) // s)
-    num_layers = len(model.layers)
+    num_layers = len(model.latent_resolution)
     kl_sum = [0.0] * num_layers
     mean_sum, mean_sq_sum, within_sum = [0.0] * num_layers, [0.0] * num_layers, [0.0] * num_layers  # per unit
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -388,7 +418,7 @@ def latent_statistics(model: HierarchicalVAE, split: data_lib.Split, cfg: Config
                 within_sum[i] = within_sum[i] + draws.var(0).sum(0)  # unbiased over the S draws
     model.train(was_training)
     stats = []
-    for i, d in enumerate(model.layer_resolution):
+    for i, d in enumerate(model.latent_resolution):
         variance = mean_sq_sum[i] / n - (mean_sum[i] / n) ** 2 - within_sum[i] / n / s  # [units]
         r = model.resolutions[d]
         stats.append({"layer": i + 1, "resolution": f"{r[0]}x{r[1]}", "units": int(variance.numel()),
@@ -412,7 +442,7 @@ def quick_overrides(cfg: Config) -> dict:
 def run_suffix(cfg: Config) -> str:
     """_L6 for the defaults; the mixture's K and a missing RGB coupling are named when they differ from them."""
     likelihood = cfg.likelihood or default_likelihood(cfg.dataset)
-    suffix = f"_L{cfg.latent_layers}"
+    suffix = f"_L{cfg.latent_layers}" + (f"of{cfg.top_down_layers}" if cfg.top_down_layers > cfg.latent_layers else "")
     if likelihood == "logistic-mixture" and cfg.mixture_components != Config.mixture_components:
         suffix += f"_K{cfg.mixture_components}"
     if likelihood == "logistic-mixture" and not cfg.rgb_coupling:
@@ -444,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"floor of the mixture's log-scales in pixel units (default {d.min_log_scale})")
     a("--latent-layers", type=int, default=d.latent_layers,
       help=f"stochastic layers L, spread over the latent resolutions (default {d.latent_layers})")
+    a("--top-down-layers", type=int, default=d.top_down_layers,
+      help="top-down layers in all (default 0: as many as --latent-layers); more make the finer ones deterministic, "
+           "e.g. --latent-layers 1 --top-down-layers 6: the default network with one stochastic layer")
     a("--downsamplings", type=int, default=d.downsamplings,
       help=f"latent resolutions H/2 .. H/2^D (default {d.downsamplings}: 14, 7, 4 for 28x28)")
     a("--latent-channels", type=int, default=d.latent_channels,

@@ -49,7 +49,7 @@ def tiny_model(dataset="binarized-mnist", seed=0, posterior_noise=0.3, shape=Non
         info = data_lib.DatasetInfo(info.name, shape, info.binary)
     model = model04.HierarchicalVAE(tiny_config(dataset=dataset, **overrides), info)
     with torch.no_grad():
-        for layer in model.layers:
+        for layer in model.layers[:len(model.latent_resolution)]:  # the stochastic ones
             head = layer.posterior_out[-1]
             head.weight.normal_(0.0, posterior_noise)
             head.bias.normal_(0.0, posterior_noise)
@@ -303,3 +303,26 @@ def test_run_name_names_the_mixture_ablations():
     assert model04.run_suffix(model04.Config(dataset="cifar10-jpeg", mixture_components=1,
                                              rgb_coupling=False)) == "_L6_K1_nocoupling"
     assert model04.run_suffix(model04.Config(mixture_components=1)) == "_L6"  # Bernoulli: no mixture to name
+
+
+def test_fewer_stochastic_layers_keep_the_network():
+    """--latent-layers 1 --top-down-layers 4: the same top-down path at the same resolutions, with only the top
+    layer stochastic: one (prior, posterior, z), one row of the layer figure, one layer of statistics, and the
+    importance-weighted bound still bounds the ELBO from above."""
+    model = tiny_model("binarized-mnist", seed=5, shape=SMALL, latent_layers=1, top_down_layers=4)
+    full = tiny_model("binarized-mnist", seed=5, shape=SMALL)
+    assert len(model.layers) == len(full.layers) == 4 and model.layer_resolution == full.layer_resolution
+    assert model.latent_resolution == [2] and isinstance(model.layers[1], model04.DeterministicLayer)
+    x = binary_images(6, seed=6, side=12)
+    with torch.no_grad():
+        out = model(x, k=50, analytic_kl=False)
+        assert out["kl_per_layer"].shape == (1, 6)
+        iwae, elbo = evaluation.bound_per_image(log_w(out), "iwae"), evaluation.bound_per_image(log_w(out), "vae")
+    assert torch.all(iwae >= elbo - 1e-9)
+    assert model.layer_samples(columns=3).shape == (3, 1, 12, 12)
+    split = data_lib.Split(x.to(torch.uint8), binary=True)
+    stats = model04.latent_statistics(model, split, tiny_config(latent_layers=1, top_down_layers=4))
+    assert [s["resolution"] for s in stats["latent_layer_stats"]] == ["3x3"]
+    assert model04.run_suffix(model04.Config(latent_layers=1, top_down_layers=6)) == "_L1of6"
+    with pytest.raises(runtime.UserError, match="top-down-layers"):
+        model04.Config(latent_layers=6, top_down_layers=3)
