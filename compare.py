@@ -58,7 +58,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence|layers)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -170,6 +170,23 @@ def _paired_cells(p: dict) -> list[str]:
     return [a["dataset"], a["run_name"], b["run_name"], f"{p['diff_nats']:+.2f}", f"{p['paired_stderr']:.3f}",
             f"{p['unpaired_stderr']:.2f}", f"{100 * p['a_higher_fraction']:.1f}%",
             f"{a['n_test']:,}, {a['eval_samples']:,}"]
+
+
+def layers_block(results: list[dict], model: str, link_base: Path) -> str:
+    """Per stochastic layer of each of the model's rows (result.json's latent_layer_stats, over the test images):
+    its resolution, units, KL(q || p) in nats and active units -- a collapsed layer shows as a KL near 0."""
+    rows = [r for r in results if r["model"] == model and r.get("latent_layer_stats")]
+    if not rows:
+        return f"_No published {model} row has per-layer statistics yet._"
+    header = ["row", "layer", "resolution", "units", "KL (nats)", "active units"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        link = f"[{r['run_name']}]({_relative(r['_path'], link_base)})"
+        for i, layer in enumerate(r["latent_layer_stats"]):
+            lines.append("| " + " | ".join([link if i == 0 else "", str(layer["layer"]), layer["resolution"],
+                                            f"{layer['units']:,}", f"{layer['kl_nats']:.2f}",
+                                            f"{layer['active_units']:,}"]) + " |")
+    return "\n".join(lines)
 
 
 def paired_block(results: list[dict], model: str, link_base: Path) -> str:
@@ -703,6 +720,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = paired_block(results, model, link_base)
             elif kind == "sentence":
                 block = SENTENCES[model](results)
+            elif kind == "layers":
+                block = layers_block(results, model, link_base)
             else:
                 block = figures_block(results, model, assets_dir, link_base)
             out.append("\n" + block + "\n")

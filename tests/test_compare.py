@@ -450,3 +450,15 @@ def test_jpeg_copy_bits_per_dim_carry_their_caveat_and_folders_never_share_a_nam
     _folder_row(results, "b", "2" * 64, 3.4)  # same name, another folder's content
     code, out = _compare(capsys, "--markdown", "--results-dir", results)
     assert code == 2 and "different content" in out
+
+
+def test_layers_block_shows_each_layer_of_each_row(tmp_path):
+    row = _folder_row(tmp_path / "results", "m04", "3" * 64, 3.0)
+    row.update(model="model04", _path=tmp_path / "results" / "m04.json", latent_layer_stats=[
+        {"layer": 1, "resolution": "4x4", "units": 256, "kl_nats": 0.004, "active_units": 0},
+        {"layer": 2, "resolution": "8x8", "units": 1024, "kl_nats": 12.345, "active_units": 700}])
+    block = compare.layers_block([row], "model04", tmp_path)
+    lines = block.splitlines()
+    assert len(lines) == 4 and "| 1 | 4x4 | 256 | 0.00 | 0 |" in lines[2] and "[m04](results/m04.json)" in lines[2]
+    assert lines[3] == "|  | 2 | 8x8 | 1,024 | 12.35 | 700 |"
+    assert "No published model03 row" in compare.layers_block([row], "model03", tmp_path)
