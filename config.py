@@ -183,6 +183,7 @@ def validate_config(cfg: TrainConfig):
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
         (cfg.val_samples >= 1, f"--val-samples must be >= 1, got {cfg.val_samples}"),
+        (cfg.image_size is None or cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}"),
         (cfg.epochs >= 1 or cfg.max_steps >= 1, "--epochs or --max-steps must be >= 1"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.n_test >= 0, f"--n-test must be >= 0, got {cfg.n_test}"),

@@ -26,6 +26,9 @@ from layers import GaussianHead, merge_samples, mlp, unmerge_samples
 
 
 # ----------------------------------------------------------------------------- config
+BINARY_DATASETS = ["binarized-mnist", "binarized-mnist-static"]  # a Bernoulli p(x|z) models {0,1} pixels
+
+
 @dataclass
 class Config(config.TrainConfig):
     dataset: str = "binarized-mnist"  # dynamic binarization, as in the IWAE paper
@@ -134,7 +137,7 @@ RUNG = training.Rung(name="model01", config_class=Config, build_model=IWAE,
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_common_args(parser, defaults)
+    config.add_common_args(parser, defaults, datasets=BINARY_DATASETS)
     parser.add_argument("--hidden", type=int, default=defaults.hidden, help="units per deterministic layer")
     parser.add_argument("--latent-dim", type=int, default=defaults.latent_dim, help="stochastic units")
     parser.add_argument("--init", default=defaults.init, choices=["pytorch", "burda"],
