@@ -497,7 +497,7 @@ def train(rung: Rung, cfg, argv) -> int:
             step = state.step
             bar.update(1)
 
-            at_check = step % check_every == 0 or step == total_steps
+            at_check = step % check_every == 0 or step % cfg.log_every == 0 or step == total_steps
             if at_check:  # host syncs only here
                 if step % cfg.log_every == 0 or step == total_steps:
                     log_train_interval(state, progress, lr, cfg)

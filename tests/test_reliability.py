@@ -561,3 +561,15 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused_and_the_lock_ends_with_the
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run still held it
     finally:
         os.close(fd)
+
+
+def test_train_records_come_every_log_every_steps_whatever_the_skip_check(data_dir, tmp_path):
+    """Consecutive skips are read every min(--log-every, --max-consecutive-skips) steps; a log line is due every
+    --log-every steps even when that is no multiple of the skip check (500 vs 200 wrote one line per 1000)."""
+    out = tmp_path / "run"
+    proc = run_script("model01.py", "--quick", "--data-dir", data_dir, "--device", "cpu", "--max-steps", "60",
+                      "--log-every", "30", "--max-consecutive-skips", "20", "--val-every", "60", "--n-test", "10",
+                      "--eval-samples", "2", "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [30, 60]
