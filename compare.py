@@ -58,7 +58,7 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence|layers)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -358,9 +358,20 @@ def results_block(results: list[dict], model: str | None, link_base: Path) -> st
     rows = [r for r in results if r["model"] == model]
     if not rows:
         return f"_No published results for {model} yet._"
-    commands = "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" + _earlier_commands(r) for r in rows)
-    return (markdown_table(rows, link_base, "") + bpd_notes(rows) + "\n\nThe commands that produced them (and the run "
-            "that trained a re-scored checkpoint; every command is in the result file):\n\n" + commands)
+    commands = _relative(REPO_ROOT / COMMANDS_DOC, link_base)
+    return (markdown_table(rows, link_base, "") + bpd_notes(rows) + f"\n\n_Each model cell links to the row's result "
+            f"file; the command behind each row is in [{COMMANDS_DOC}]({commands}#{model})._")
+
+
+COMMANDS_DOC = "docs/commands.md"  # the <!-- commands:MODEL --> blocks: every row's command, away from README
+
+
+def commands_block(results: list[dict], model: str) -> str:
+    """The commands that produced the model's rows (and, for a re-scored row, the run that trained its weights)."""
+    rows = [r for r in results if r["model"] == model]
+    if not rows:
+        return f"_No published results for {model} yet._"
+    return "\n".join(f"- `{r['run_name']}`: `{r.get('command', '?')}`" + _earlier_commands(r) for r in rows)
 
 
 def _earlier_commands(r: dict) -> str:
@@ -722,6 +733,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = SENTENCES[model](results)
             elif kind == "layers":
                 block = layers_block(results, model, link_base)
+            elif kind == "commands":
+                block = commands_block(results, model)
             else:
                 block = figures_block(results, model, assets_dir, link_base)
             out.append("\n" + block + "\n")
