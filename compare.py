@@ -58,6 +58,9 @@ REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", 
                  "eval_samples", "n_test", "test_ll_nats", "test_ll_stderr", "test_bpd", "steps", "wall_time_s",
                  "device", "device_type", "git_commit", "quick")
 FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples", "samples"))
+# figures some rungs draw besides those (model04: samples at a lower prior temperature, what each layer encodes);
+# a column appears in a rung's figure row when one of its rows has the file
+EXTRA_FIGURE_KINDS = (("samples-t0.7", "samples at temperature 0.7"), ("layers", "what each layer encodes"))
 MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
@@ -485,16 +488,16 @@ def _date(r: dict) -> datetime.datetime:
         return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
 
 
-def figure_groups(results: list[dict], assets_dir: Path) -> list[tuple[dict, int, dict]]:
+def figure_groups(results: list[dict], assets_dir: Path, kinds=FIGURE_KINDS) -> list[tuple[dict, int, dict]]:
     """Per (figure prefix, dataset): the newest result (its --publish wrote the files in assets/ last),
-    how many results share those files, and {kind: path or None}."""
+    how many results share those files, and {kind: path or None} for `kinds`."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r.get("figure_prefix") or r["model"], r["dataset"]), []).append(r)
     out = []
     for (prefix, dataset), members in sorted(groups.items()):
         newest = max(members, key=_date)
-        paths = {kind: assets_dir / f"{prefix}_{dataset}_{kind}.png" for kind, _ in FIGURE_KINDS}
+        paths = {kind: assets_dir / f"{prefix}_{dataset}_{kind}.png" for kind, _ in kinds}
         out.append((newest, len(members), {k: p if p.is_file() else None for k, p in paths.items()}))
     return out
 
@@ -503,12 +506,15 @@ def figures_block(results: list[dict], model: str, assets_dir: Path, link_base: 
     rows = [r for r in results if r["model"] == model]
     if not rows:
         return f"_No published figures for {model} yet._"
-    lines = ["| run | " + " | ".join(title for _, title in FIGURE_KINDS) + " |", "|" + "---|" * (1 + len(FIGURE_KINDS))]
+    extras = [(kind, title) for kind, title in EXTRA_FIGURE_KINDS
+              if any(paths[kind] for _, _, paths in figure_groups(rows, assets_dir, [(kind, title)]))]
+    kinds = [*FIGURE_KINDS, *extras]
+    lines = ["| run | " + " | ".join(title for _, title in kinds) + " |", "|" + "---|" * (1 + len(kinds))]
     missing = False
-    for newest, count, paths in figure_groups(rows, assets_dir):
+    for newest, count, paths in figure_groups(rows, assets_dir, kinds):
         run = f"`{newest['run_name']}`" + (f" (newest of {count} runs sharing these figures)" if count > 1 else "")
         cells = []
-        for kind, title in FIGURE_KINDS:
+        for kind, title in kinds:
             if paths[kind] is None:
                 missing = True
                 cells.append("_not in assets/_")

@@ -462,3 +462,18 @@ def test_layers_block_shows_each_layer_of_each_row(tmp_path):
     assert len(lines) == 4 and "| 1 | 4x4 | 256 | 0.00 | 0 |" in lines[2] and "[m04](results/m04.json)" in lines[2]
     assert lines[3] == "|  | 2 | 8x8 | 1,024 | 12.35 | 700 |"
     assert "No published model03 row" in compare.layers_block([row], "model03", tmp_path)
+
+
+def test_a_figure_row_shows_the_extra_figures_a_rung_has(tmp_path):
+    row = _folder_row(tmp_path / "results", "m04", "4" * 64, 3.0)
+    row.update(model="model04", _path=tmp_path / "results" / "m04.json", date="2026-01-01T00:00:00+00:00")
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for kind in ("imgs", "recs", "samples"):
+        (assets / f"model04_cifar10-jpeg_{kind}.png").write_bytes(b"png")
+    block = compare.figures_block([row], "model04", assets, tmp_path)
+    assert "what each layer encodes" not in block and "not in assets" not in block
+    (assets / "model04_cifar10-jpeg_layers.png").write_bytes(b"png")
+    block = compare.figures_block([row], "model04", assets, tmp_path)
+    assert block.splitlines()[0].endswith("| what each layer encodes |")
+    assert "![what each layer encodes](assets/model04_cifar10-jpeg_layers.png)" in block
