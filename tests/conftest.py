@@ -13,6 +13,9 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # No test downloads data: without a network each attempt waits on DNS for tens of seconds.
 os.environ["VAE_DATA_DOWNLOAD"] = "0"
+# MKL may otherwise use fewer threads than asked when the machine is busy (MKL_DYNAMIC defaults to true), which
+# splits a matrix product's sums differently: the bit-exact resume tests compare runs made in separate processes.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 
 # CI passes a relative VAE_DATA_DIR (../shared/data); tests that run scripts from other working
