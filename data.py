@@ -18,8 +18,9 @@ folder CIFAR10-JPEG under the data root: CIFAR-10's images re-encoded as JPEG qu
 our colour set. JPEG removed detail and halved the colour resolution, so its bits/dim are lower than
 CIFAR-10's and never compare with CIFAR-10 numbers in the literature. Options for folders only:
 image_size (S, default 32; see image_folder.py for mixed sizes) and grey (1 channel instead of RGB).
-Each split is held in a fixed pseudo-random order (a SPLIT_SEED permutation of ImageFolder's class-by-class
-order), so that the first N test images (--n-test N, the figure grids) sample every class.
+The test and validation splits are held in a fixed pseudo-random order (a SPLIT_SEED permutation of
+ImageFolder's class-by-class order), so that the first N test images (--n-test N, the figure grids) sample
+every class.
 
 Validation: VAL_SIZE = 1000 images carved from the training set by a fixed permutation
 (SPLIT_SEED), the same for every run and every training seed; it selects checkpoints, the test
@@ -388,9 +389,9 @@ def load_data(name: str, data_dir: str | Path | None = None, device="cpu", val_s
         images, folder = _load_folder(name, root, image_size, grey)
         info = replace(info, folder=folder, content_sha256=images.content_sha256)
         # ImageFolder's order is class by class: a fixed permutation makes any prefix (--n-test N, the figure
-        # grids) a sample of every class, as in the built-in sets
-        train, val, test = (None if a is None else a[np.random.default_rng(SPLIT_SEED).permutation(len(a))]
-                            for a in (images.train, images.val, images.test))
+        # grids) a sample of every class, as in the built-in sets (training batches are drawn at random anyway)
+        train, val, test = images.train, *(None if a is None else a[np.random.default_rng(SPLIT_SEED).permutation(len(a))]
+                                           for a in (images.val, images.test))
         if val is None:  # carved as for the built-in sets; a small folder gives a tenth of its images
             if len(train) < 10:
                 raise DataError(f"image folder {folder} has {len(train)} training images: too few to carve a "
