@@ -552,7 +552,7 @@ class Lanes:
                 self.release(job)
             if code == 0:
                 self.finished.append(job.name)
-                print(f"[lane {index}] {job.name}: finished and published", flush=True)
+                print(f"[lane {index}] {job.name}: finished" + ("" if job.pilot else " and published"), flush=True)
             elif code == EXIT_SEGMENT_END or (self.stopping and code in (128 + signal.SIGINT, 128 + signal.SIGTERM)):
                 how = "segment ended" if code == EXIT_SEGMENT_END else "stopped by a signal"
                 print(f"[lane {index}] {job.name}: {how}, state saved in {job.out_dir}", flush=True)
