@@ -440,9 +440,12 @@ def quick_overrides(cfg: Config) -> dict:
 
 
 def run_suffix(cfg: Config) -> str:
-    """_L6 for the defaults; the mixture's K and a missing RGB coupling are named when they differ from them."""
+    """_L6 for the defaults; the width, the mixture's K and a missing RGB coupling are named when they differ from
+    them, so the rows of an ablation (and a GPU-sized run beside a CPU-sized one) never share a name."""
     likelihood = cfg.likelihood or default_likelihood(cfg.dataset)
     suffix = f"_L{cfg.latent_layers}" + (f"of{cfg.top_down_layers}" if cfg.top_down_layers > cfg.latent_layers else "")
+    if cfg.width != Config.width:
+        suffix += f"_w{cfg.width}"
     if likelihood == "logistic-mixture" and cfg.mixture_components != Config.mixture_components:
         suffix += f"_K{cfg.mixture_components}"
     if likelihood == "logistic-mixture" and not cfg.rgb_coupling:

@@ -303,6 +303,7 @@ def test_run_name_names_the_mixture_ablations():
     assert model04.run_suffix(model04.Config(dataset="cifar10-jpeg", mixture_components=1,
                                              rgb_coupling=False)) == "_L6_K1_nocoupling"
     assert model04.run_suffix(model04.Config(mixture_components=1)) == "_L6"  # Bernoulli: no mixture to name
+    assert model04.run_suffix(model04.Config(width=32, latent_layers=1, top_down_layers=6)) == "_L1of6_w32"
 
 
 def test_fewer_stochastic_layers_keep_the_network():
