@@ -14,6 +14,9 @@ For every model in REGISTRY (one entry per rung) and on one device, in one proce
          evaluation.eval_chunk_size latents, a streaming log-sum-exp) against the naive loop, one decoder pass per
          sample. On CPU also `previous_cpu_defaults`: the same evaluate_bound as it ran on CPU before commit f5fc69e
          (passes of 2^14 latents, model02/03 in NCHW), i.e. the evaluation speed before and after that change.
+         With --baseline-commit REV also `baseline`: the rung's script as it was at REV (beside this tree's shared
+         modules), the same weights and passes: what a change to the model's code bought, and whether the
+         per-image values stayed bit for bit the same.
   memory peak during each phase. CUDA: torch.cuda.max_memory_allocated (reset before the phase).
          CPU: the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs
          before the phase); it includes the data set, both models and the Python runtime.
@@ -26,6 +29,8 @@ both alike) and the medians over repeats are reported.
     python bench.py --device cuda    # every rung in REGISTRY -> results/bench_<gpu>.json, e.g. bench_h100.json
     python bench.py --device cpu --phases eval --models model01 model02 model03 model04 --threads 1 \
         --out results/bench_cpu_eval.json   # CPU evaluation of every rung, before/after (minutes, no training)
+    python bench.py --device cpu --phases eval --models model04 --set width=32 --threads 1 \
+        --baseline-commit 773431f --out results/bench_cpu_eval_model04.json   # model04's code against REV's
 
 On a CPU whose cores other processes keep busy, more than one thread mostly measures contention (each
 parallel op waits for a descheduled thread); `--threads 1` then gives the meaningful comparison.
@@ -37,13 +42,17 @@ import argparse
 import copy
 import datetime
 import importlib
+import json
+import importlib.util
 import math
 import os
 import platform
 import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -360,12 +369,44 @@ def naive_evaluate(model, split: data_lib.Split, num_samples: int, naive_forward
 def build(spec: BenchModel, args, data, device):
     module = importlib.import_module(spec.script)
     rung = module.RUNG
-    cfg = rung.config_class.from_dict({**asdict(rung.config_class()), **spec.overrides,
+    cfg = rung.config_class.from_dict({**asdict(rung.config_class()), **spec.overrides, **parse_settings(args.set),
                                        "dataset": spec.dataset, "batch_size": args.batch_size,
                                        "importance_samples": args.importance_samples, "seed": args.seed})
     torch.manual_seed(args.seed)
     model = runtime.prepare_model(rung.build_model(cfg, data.info), device)
     return rung, cfg, model
+
+
+def parse_settings(settings: list[str]) -> dict:
+    """--set KEY=VALUE ... -> {key: value}, each value parsed as JSON where it can be (32, 1e-3, true), else a string.
+    Unknown keys fail in the config class's from_dict."""
+    values = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise runtime.UserError(f"--set takes KEY=VALUE (a config field of the rung, e.g. width=32), got {item!r}")
+        try:
+            values[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.replace("-", "_")] = raw
+    return values
+
+
+def script_at_commit(script: str, commit: str):
+    """The rung's script as it was at `commit` (`git show`), imported as a module of its own. It runs beside this
+    tree's shared modules (data, layers, distributions, ...), so it measures a change to the script alone."""
+    shown = subprocess.run(["git", "show", f"{commit}:{script}.py"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise runtime.UserError(f"--baseline-commit {commit}: git cannot show {script}.py at that commit "
+                                f"({shown.stderr.strip() or 'no output'}). Name a commit of this repository's history "
+                                f"(a shallow clone may lack it: `git fetch --unshallow`).")
+    name = f"{script}_at_{re.sub(r'[^A-Za-z0-9_]', '_', commit)}"
+    path = Path(tempfile.mkdtemp(prefix="bench_baseline_")) / f"{name}.py"
+    path.write_text(shown.stdout)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # its `if __name__ == "__main__"` block does not run
+    return module
 
 
 def median(values: list[float]) -> float:
@@ -472,6 +513,11 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
         previous = rung.build_model(cfg, data.info).to(device)
         previous.load_state_dict(copy.deepcopy(eval_model.state_dict()))
         variants["previous_cpu_defaults"] = (previous, PREVIOUS_CPU_EVAL_CHUNK)
+    if args.baseline_commit:  # the same weights in the model class of the script at that commit
+        baseline = runtime.prepare_model(script_at_commit(spec.script, args.baseline_commit).RUNG.build_model(
+            cfg, data.info), device)
+        baseline.load_state_dict(copy.deepcopy(eval_model.state_dict()))
+        variants["baseline"] = (baseline, chunk)
     lls = {}
 
     def eval_runner(variant_name):
@@ -509,6 +555,11 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
                            "hours_for_test_l5000": 5000 * 10_000 / ours / 3600})
     if "previous_cpu_defaults" in variants:
         result["eval"]["speedup_vs_previous_cpu_defaults"] = ours / result["eval"]["previous_cpu_defaults"]["samples_per_s"]
+    if "baseline" in variants:
+        result["eval"]["baseline"]["commit"] = args.baseline_commit
+        result["eval"]["speedup_vs_baseline"] = ours / result["eval"]["baseline"]["samples_per_s"]
+        # the same seed, weights and passes: a change that keeps the bound keeps every per-image value
+        result["eval"]["baseline"]["same_per_image_values"] = bool(torch.equal(lls["ours"], lls["baseline"]))
 
 
 # ----------------------------------------------------------------------------- report
@@ -552,6 +603,10 @@ def print_table(report: dict):
                     f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")
             if "speedup_vs_previous_cpu_defaults" in ev:
                 line += f", {ev['speedup_vs_previous_cpu_defaults']:.2f}x the previous CPU defaults"
+            if "speedup_vs_baseline" in ev:
+                same = "same" if ev["baseline"]["same_per_image_values"] else "DIFFERENT"
+                line += (f", {ev['speedup_vs_baseline']:.2f}x the script at {ev['baseline']['commit']} "
+                         f"({same} per-image values)")
             parts.append(line + f"; L_5000 on 10k test images: {ev['hours_for_test_l5000']:.1f} h")
         print(f"{res['model']}, {res['threads']} threads: " + "; ".join(parts))
     print(f"peak memory: {report['memory_measure']}")
@@ -582,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="what to measure (default both): training steps, evaluation of L_S")
     a("--data-dir", default=None, help="data root (default: $VAE_DATA_DIR, then ./data)")
     a("--seed", type=int, default=0, help="random seed")
+    a("--set", nargs="+", default=[], metavar="KEY=VALUE",
+      help="config fields of every measured rung, e.g. --set width=32 (unknown keys fail)")
+    a("--baseline-commit", default=None, metavar="REV",
+      help="eval phase: also time the rung's script as it was at git commit REV, with the same weights and passes")
     a("--out", default=None, help="JSON report path (default results/bench_<device>.json, e.g. bench_cpu.json)")
     return parser
 

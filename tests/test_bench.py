@@ -207,3 +207,24 @@ def test_eval_phase_alone_times_the_previous_cpu_defaults_too(tmp_path, data_dir
         lls = [ev[v]["ll_nats"] for v in ("ours", "naive", "previous_cpu_defaults")]
         assert max(lls) - min(lls) < 0.02 * abs(lls[0])
     assert "the previous CPU defaults" in proc.stdout and "training" not in proc.stdout.split("\n\n")[-1]
+
+
+def test_baseline_commit_times_the_script_at_that_commit_on_the_same_weights(tmp_path, data_dir):
+    """--baseline-commit HEAD: the script as committed beside this tree's shared modules. With --set the rung is
+    narrowed (unknown keys fail with exit 2); the same weights and passes give the same per-image values whenever the
+    script's evaluation pass is unchanged since HEAD, and bench says which."""
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cpu", "--threads", "1", "--phases", "eval", "--models", "model04", "--set", "width=8",
+             "latent_channels=2", "--eval-samples", "20", "--eval-images", "1", "--eval-repeats", "1",
+             "--baseline-commit", "HEAD", "--data-dir", data_dir, "--out", out]
+    proc = run_script("bench.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads(out.read_text())["results"][0]["eval"]
+    assert ev["baseline"]["commit"] == "HEAD" and ev["baseline"]["same_per_image_values"] is True
+    assert ev["baseline"]["ll_nats"] == ev["ours"]["ll_nats"]
+    assert ev["speedup_vs_baseline"] == pytest.approx(ev["ours"]["samples_per_s"] / ev["baseline"]["samples_per_s"])
+    assert json.loads(out.read_text())["settings"]["set"] == ["width=8", "latent_channels=2"]
+    for bad in (["--set", "no_such_field=1"], ["--set", "width"], ["--baseline-commit", "no-such-commit"]):
+        bad_out = tmp_path / "bad.json"
+        proc = run_script("bench.py", *flags[:-2], "--out", bad_out, *bad, env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 2 and "error:" in proc.stderr and not bad_out.exists(), (bad, proc.stderr[-500:])

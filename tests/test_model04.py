@@ -128,6 +128,24 @@ def test_sample_major_rows_belong_to_their_image():
     torch.testing.assert_close(log_px_z, log_px_z_alone.expand(k, 3), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dataset,shape", [("binarized-mnist", SMALL), ("cifar10", (3, 12, 12))])
+def test_evaluation_pass_computes_what_the_training_graph_computes(dataset, shape):
+    """Without autograd (evaluation) the top-down layers share one silu(h) between the prior and posterior heads and
+    the output head applies its SiLU before the nearest upsampling; with autograd each keeps its own, so gradients
+    round as before. Both must give the same log-weights bit for bit from the same random state."""
+    model = tiny_model(dataset, shape=shape)
+    x = binary_images(3, side=12) if dataset == "binarized-mnist" else eight_bit_images(3, side=12)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        fast = model(x, 5, analytic_kl=False)
+    torch.manual_seed(7)
+    with torch.enable_grad():
+        graph = model(x, 5, analytic_kl=False)
+    assert graph["log_px_z"].requires_grad and not fast["log_px_z"].requires_grad
+    for key in ("log_px_z", "log_pz", "log_qz"):
+        assert torch.equal(fast[key], graph[key].detach()), key
+
+
 # ----------------------------------------------------------------------------- bounds
 
 
