@@ -424,7 +424,8 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
     result = {"model": name, "threads": threads, "script": f"{spec.script}.py", "dataset": spec.dataset,
               "parameters": n_params,
               "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
-              "naive_forward": spec.naive_forward.__name__, "train": {}, "eval": {}}
+              "naive_forward": spec.naive_forward.__name__, "config_overrides": parse_settings(args.set),
+              "train": {}, "eval": {}}
     if "train" in args.phases:
         bench_training(spec, args, data, device, memory, rung, cfg, model_ours, result)
     if "eval" in args.phases:

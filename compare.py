@@ -21,6 +21,7 @@ write prose outside them:
     <!-- figures:MODEL:start --> ... <!-- figures:MODEL:end -->    one rung's figure rows (from assets/)
     <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
     <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
+    <!-- bench-code:start --> ... <!-- bench-code:end -->          a script's evaluation against the script at a commit
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
     <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
     <!-- sentence:NAME:start --> ... <!-- sentence:NAME:end -->    a sentence with numbers, written by SENTENCES[NAME]
@@ -61,7 +62,7 @@ FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples"
 # figures some rungs draw besides those (model04: samples at a lower prior temperature, what each layer encodes);
 # a column appears in a rung's figure row when one of its rows has the file
 EXTRA_FIGURE_KINDS = (("samples-t0.7", "samples at temperature 0.7"), ("layers", "what each layer encodes"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench|paired|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench|paired|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -481,6 +482,36 @@ def eval_bench_block(benches: list[dict], link_base: Path) -> str:
     return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, note)
 
 
+CODE_BENCH_HEADER = ("| device | model | threads | settings | samples/s: script at commit -> ours | speed-up | "
+                     "per-image values | L_5000 on 10k test images at this rate |")
+
+
+def _code_row(r: dict) -> list[str] | None:
+    ev = r["eval"]
+    if "baseline" not in ev:
+        return None
+    settings = ", ".join(f"`{k}={v}`" for k, v in r.get("config_overrides", {}).items()) or "defaults"
+    return [r["model"], str(r["threads"]), settings,
+            f"{ev['baseline']['samples_per_s']:.0f} ({ev['baseline']['commit']}) -> {ev['ours']['samples_per_s']:.0f}",
+            f"**{ev['speedup_vs_baseline']:.2f}x**",
+            "the same, bit for bit" if ev["baseline"]["same_per_image_values"] else "different",
+            f"{ev['hours_for_test_l5000']:.1f} h"]
+
+
+def code_bench_block(benches: list[dict], link_base: Path) -> str:
+    """A rung's evaluation speed against its own script at an earlier commit (bench.py --baseline-commit), from the
+    reports that have it."""
+    benches = [b for b in benches if any("baseline" in r["eval"] for r in b["results"])]
+    if not benches:
+        return "_No such benchmark yet: `python bench.py --phases eval --baseline-commit REV ...`._"
+
+    def note(report, link):
+        ev = report["results"][0]["eval"]
+        return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
+
+    return _bench_table(benches, link_base, CODE_BENCH_HEADER, _code_row, note)
+
+
 def _date(r: dict) -> datetime.datetime:
     try:
         return datetime.datetime.fromisoformat(r.get("date", ""))
@@ -730,6 +761,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = bench_block(benches, link_base)
             elif kind == "bench-eval":
                 block = eval_bench_block(benches, link_base)
+            elif kind == "bench-code":
+                block = code_bench_block(benches, link_base)
             elif model is None:
                 raise CompareError(f"README {where(open_marker)}: a {kind} block needs a model, e.g. "
                                    f"<!-- {kind}:model01:start -->.")

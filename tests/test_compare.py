@@ -251,6 +251,29 @@ def test_eval_bench_block_shows_before_and_after_and_skips_training_only_reports
     assert _compare(capsys, "--check", *paths)[0] == 1
 
 
+def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    evaluation = {"ours": {"samples_per_s": 1100.0}, "naive": {"samples_per_s": 200.0}, "speedup": 5.5,
+                  "baseline": {"samples_per_s": 1000.0, "commit": "773431f", "same_per_image_values": True},
+                  "speedup_vs_baseline": 1.1, "hours_for_test_l5000": 12.626, "eval_samples": 5000, "eval_images": 2}
+    report = {"command": "python bench.py --phases eval --baseline-commit 773431f", "git_commit": "c" * 40,
+              "device": "CPU (test)", "results": [{"model": "model04", "threads": 1, "batch_size": 100,
+                                                   "importance_samples": 5, "config_overrides": {"width": 32},
+                                                   "train": {}, "eval": evaluation}]}
+    (results / "bench_cpu_eval_model04.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-code:start -->\ny\n<!-- bench-code:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    text = readme.read_text()
+    assert ("| [CPU (test)](results/bench_cpu_eval_model04.json) | model04 | 1 | `width=32` | 1000 (773431f) -> 1100 "
+            "| **1.10x** | the same, bit for bit | 12.6 h |") in text, text
+    evaluation["baseline"]["same_per_image_values"] = False
+    (results / "bench_cpu_eval_model04.json").write_text(json.dumps(report))
+    assert _compare(capsys, "--check", *paths)[0] == 1  # the table no longer says what the report says
+
+
 def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
     row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
