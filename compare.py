@@ -24,6 +24,7 @@ write prose outside them:
     <!-- bench-code:start --> ... <!-- bench-code:end -->          a script's evaluation against the script at a commit
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
     <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
+    <!-- ablation:DATASET:start --> ... <!-- ablation:DATASET:end -->  what each fix buys inside model04 (paired.py)
     <!-- sentence:NAME:start --> ... <!-- sentence:NAME:end -->    a sentence with numbers, written by SENTENCES[NAME]
 The markdown files of docs/ beside README may hold the same blocks (docs/speed.md holds the speed tables): they are
 updated and checked with README, their links relative to their own folder.
@@ -53,6 +54,9 @@ import re
 import sys
 from pathlib import Path
 
+from paired import (PAIRED_COLUMNS, PairedError, ablation_block, md_cell as _md, paired_block, paired_cells,
+                    paired_comparisons, relative_link as _relative)
+
 REPO_ROOT = Path(__file__).resolve().parent
 # Fields every result.json written by training.py carries (older files may lack the optional ones).
 REQUIRED_KEYS = ("model", "run_name", "dataset", "likelihood", "latent_layers", "importance_samples", "objective",
@@ -62,7 +66,7 @@ FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples"
 # figures some rungs draw besides those (model04: samples at a lower prior temperature, what each layer encodes);
 # a column appears in a rung's figure row when one of its rows has the file
 EXTRA_FIGURE_KINDS = (("samples-t0.7", "samples at temperature 0.7"), ("layers", "what each layer encodes"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench|paired|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench|paired|ablation|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -124,58 +128,6 @@ def load_results(results_dir: Path, must_exist: bool) -> list[dict]:
                                           r["importance_samples"], r["run_name"]))
 
 
-def load_per_image(r: dict):
-    """The row's per-image test log-likelihoods (numpy float64, test-set order), or None when it has none."""
-    rel = r.get("test_ll_per_image")
-    if not rel:
-        return None
-    import numpy as np  # (only here: the tables need no numpy)
-
-    path = r["_path"].parent / rel
-    if not path.is_file():
-        raise CompareError(f"{r['_path']} names per-image values {rel}, which do not exist ({path}). Restore the "
-                           f"file from git (it is published with the result) or publish the run again.")
-    payload = path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != r.get("test_ll_per_image_sha256"):
-        raise CompareError(f"{path} is not the file {r['_path'].name} was published with (its sha256 differs). "
-                           f"Restore it from git or publish the run again.")
-    values = np.load(io.BytesIO(payload), allow_pickle=False)
-    if values.shape != (r["n_test"],) or abs(float(values.mean()) - r["test_ll_nats"]) > 1e-6 * abs(r["test_ll_nats"]):
-        raise CompareError(f"{path} holds {values.shape} values with mean {float(values.mean()):.6f}, not the "
-                           f"{r['n_test']} test images of {r['_path'].name} with mean {r['test_ll_nats']:.6f}.")
-    return values
-
-
-def paired_comparisons(results: list[dict], rung_or_dataset: str | None = None) -> list[dict]:
-    """Every two rows (of one rung, of every rung on one data set -- model04 against model01 on binarized-mnist --
-    or all) on the same data set, test images and S that both have per-image values: L(a) - L(b) with its paired
-    standard error, and the unpaired one it replaces."""
-    rows = [(r, v) for r in results if rung_or_dataset is None or rung_or_dataset in (r["model"], r["dataset"])
-            for v in [load_per_image(r)] if v is not None]
-    pairs = []
-    for i, (a, va) in enumerate(rows):
-        for b, vb in rows[i + 1:]:
-            if (a["dataset"], a["n_test"], a["eval_samples"]) != (b["dataset"], b["n_test"], b["eval_samples"]):
-                continue
-            diff = va - vb  # [n_test] per image, nats
-            pairs.append({"a": a, "b": b, "diff_nats": float(diff.mean()),
-                          "paired_stderr": float(diff.std(ddof=1) / math.sqrt(diff.size)),
-                          "unpaired_stderr": math.hypot(a["test_ll_stderr"], b["test_ll_stderr"]),
-                          "a_higher_fraction": float((diff > 0).mean())})
-    return pairs
-
-
-PAIRED_COLUMNS = ["data set", "row a", "row b", "L(a) - L(b) (nats)", "paired SE", "unpaired SE",
-                  "images where a is higher", "test images, S"]
-
-
-def _paired_cells(p: dict) -> list[str]:
-    a, b = p["a"], p["b"]
-    return [a["dataset"], a["run_name"], b["run_name"], f"{p['diff_nats']:+.2f}", f"{p['paired_stderr']:.3f}",
-            f"{p['unpaired_stderr']:.2f}", f"{100 * p['a_higher_fraction']:.1f}%",
-            f"{a['n_test']:,}, {a['eval_samples']:,}"]
-
-
 def layers_block(results: list[dict], model: str, link_base: Path) -> str:
     """Per stochastic layer of each of the model's rows (result.json's latent_layer_stats, over the test images):
     its resolution, units, KL(q || p) in nats and active units -- a collapsed layer shows as a KL near 0."""
@@ -191,22 +143,6 @@ def layers_block(results: list[dict], model: str, link_base: Path) -> str:
                                             f"{layer['units']:,}", f"{layer['kl_nats']:.2f}",
                                             f"{layer['active_units']:,}"]) + " |")
     return "\n".join(lines)
-
-
-def paired_block(results: list[dict], model: str, link_base: Path) -> str:
-    pairs = paired_comparisons(results, model)
-    if not pairs:
-        return (f"_No two {model} rows on the same test images have per-image log-likelihoods yet "
-                f"(`results/per_image/`, written by evaluations since they are kept)._")
-    lines = ["| " + " | ".join(_md(h) for h in PAIRED_COLUMNS) + " |", "|" + "---|" * len(PAIRED_COLUMNS)]
-    for p in pairs:
-        cells = [_md(c) for c in _paired_cells(p)]
-        cells[1] = f"[{cells[1]}]({_relative(p['a']['_path'], link_base)})"
-        cells[2] = f"[{cells[2]}]({_relative(p['b']['_path'], link_base)})"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\n_Generated by `python compare.py --update-readme` from `results/per_image/`: "
-                               "the paired SE is the standard error of the mean of L(a) - L(b) over the same test "
-                               "images; the unpaired one, sqrt(SE_a^2 + SE_b^2), ignores that they are the same._")
 
 
 def refuse_quick(results: list[dict]):
@@ -323,14 +259,6 @@ def terminal_table(results: list[dict], dataset: str | None = None) -> str:
     if any(r["quick"] for r in results):
         lines.append("QUICK rows are tiny --quick runs: never published numbers (README output refuses them).")
     return "\n".join(lines)
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _relative(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def markdown_table(results: list[dict], link_base: Path, empty: str, columns=COLUMNS) -> str:
@@ -744,7 +672,10 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             if kind == "sentence" and model not in SENTENCES:
                 raise CompareError(f"README {where(m)}: {m.group(0)} names no sentence compare.py writes; known: "
                                    f"{', '.join(sorted(SENTENCES))}.")
-            if (model is not None and kind != "sentence" and not (REPO_ROOT / f"{model}.py").is_file()
+            if kind == "ablation" and model not in dataset_names():
+                raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, which is not a data set of "
+                                   f"data.py ({', '.join(dataset_names())}); fix the marker.")
+            if (model is not None and kind not in ("sentence", "ablation") and not (REPO_ROOT / f"{model}.py").is_file()
                     and not (kind == "paired" and model in datasets)):  # (a paired block may name a data set)
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
                                    f"in {REPO_ROOT}" + (" and no published row on a data set of that name"
@@ -768,6 +699,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                                    f"<!-- {kind}:model01:start -->.")
             elif kind == "paired":
                 block = paired_block(results, model, link_base)
+            elif kind == "ablation":
+                block = ablation_block(results, model, link_base)
             elif kind == "sentence":
                 block = SENTENCES[model](results)
             elif kind == "layers":
@@ -890,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("no two published rows on the same test images have per-image log-likelihoods "
                       "(results/per_image/)")
             for p in pairs:
-                print("  ".join(f"{h}: {c}" for h, c in zip(PAIRED_COLUMNS, _paired_cells(p))))
+                print("  ".join(f"{h}: {c}" for h, c in zip(PAIRED_COLUMNS, paired_cells(p))))
             return 0
         if args.markdown:
             print(results_block(results, None, args.readme.parent) if results or not args.dataset
@@ -914,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, path)
                 print(f"updated the generated blocks of {path} from {len(results)} results.")
         return status
-    except CompareError as e:
+    except (CompareError, PairedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
