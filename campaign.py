@@ -84,11 +84,12 @@ def rescore(checkpoint: str, per_image: bool = False) -> Job:
     script = checkpoint.split("_", 1)[0] + ".py"
     why = (f"per-image test L_5000 of the published {checkpoint} (published at S=5000 without them), for paired "
            f"comparisons on the same test images" if per_image else
-           f"L_5000 on the full test set of the published {checkpoint} (published with S=100 before)")
+           f"L_5000 on the full test set of the published {checkpoint} (published with fewer samples or images)")
     return Job(f"{'perimage' if per_image else 'eval5000'}_{checkpoint}", script,
-               # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config
+               # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config; --n-test 0: all
+               # test images, whatever the training run scored
                ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000",
-                "--eval-chunk", "128"],
+                "--eval-chunk", "128", "--n-test", "0"],
                why, published_result=f"results/{checkpoint}.json", needs_per_image=per_image)
 
 
@@ -103,10 +104,15 @@ def pilot(group: str, variant: str, script: str, args: list[str], why: str) -> J
                why, pilot=True)
 
 
+FULL_TEST_IMAGES = 10_000  # the test set of every data set the campaign runs on
+
+
 def rescored(result: dict, per_image: bool) -> bool:
-    """Whether a published result needs no re-score: at S >= 5000 and, when `per_image`, with its per-image values.
-    (scripts/gpu_campaign.sh asks this too, with per_image=True, before re-scoring a checkpoint on a GPU.)"""
-    return result.get("eval_samples", 0) >= 5000 and (not per_image or bool(result.get("test_ll_per_image")))
+    """Whether a published result needs no re-score: at S >= 5000 on the whole test set and, when `per_image`, with
+    its per-image values. (scripts/gpu_campaign.sh asks this too, with per_image=True, before re-scoring a checkpoint
+    on a GPU.)"""
+    return (result.get("eval_samples", 0) >= 5000 and result.get("n_test", 0) >= FULL_TEST_IMAGES
+            and (not per_image or bool(result.get("test_ll_per_image"))))
 
 
 # Pilots first: each group's candidates for one long run, an hour of one core each (`campaign.py pilots` compares
@@ -147,9 +153,49 @@ PILOTS = [
     pilot("cifar", "m04-w64", "model04.py", [*_CIFAR, "--width", "64"], "model04 on cifar10-jpeg, twice the width"),
 ]
 
+
+# The colour ladder and model04's ablation on cifar10-jpeg: every row with _CIFAR's batch, step count, objective and
+# seed, so rows differ only by the experiment. Each training job ends with L_5000 on the first 1,000 test images
+# (the same images for every row: compare.py pairs them, paired.py reads the ablation from them); the three rows the
+# ladder compares on the whole test set (model02 and model03 bounded, model04) get the 10,000 by a re-score, which
+# on a CPU costs tens of hours for model04 (its 32x32 MoDL head; scripts/gpu_campaign.sh does it where a GPU is lent).
+# Widths: the rungs' defaults of 32 channels, the wider row 64 (the pilots above time both).
+_CIFAR_TEST = ["--n-test", "1000", "--eval-samples", "5000", "--eval-chunk", "128"]
+_M04_CIFAR = [*_CIFAR, *_CIFAR_TEST, "--width", "32"]
+_ONE_LAYER = ["--latent-layers", "1", "--top-down-layers", "6"]  # the same network with one stochastic layer
+_NO_COUPLING, _LOGISTIC = ["--no-rgb-coupling"], ["--mixture-components", "1", "--no-rgb-coupling"]
+COLOUR_JOBS = [
+    Job("model02_cifar10-jpeg_iwae_k1_seed0", "model02.py", [*_CIFAR, *_CIFAR_TEST],
+        "the ladder in colour, rung 2: Gaussian p(x|z) with the tanh-bounded log-variance"),
+    Job("model03_cifar10-jpeg_iwae_k1_seed0", "model03.py", [*_CIFAR, *_CIFAR_TEST],
+        "rung 3: discretized logistic p(x|z) with the bounded scale"),
+    Job("model04_cifar10-jpeg_vae_k1_L6_w32_seed0", "model04.py", _M04_CIFAR,
+        "rung 4 and the ablation's full row: 6 stochastic layers, MoDL K=10 with RGB coupling"),
+    Job("model04_cifar10-jpeg_vae_k1_L1of6_w32_seed0", "model04.py", [*_M04_CIFAR, *_ONE_LAYER],
+        "ablation (c) several stochastic layers: the same network and p(x|z) with one stochastic layer"),
+    Job("model04_cifar10-jpeg_vae_k1_L6_w32_nocoupling_seed0", "model04.py", [*_M04_CIFAR, *_NO_COUPLING],
+        "ablation (b) RGB autoregression: MoDL K=10 with the channels independent given the component"),
+    Job("model04_cifar10-jpeg_vae_k1_L6_w32_K1_nocoupling_seed0", "model04.py", [*_M04_CIFAR, *_LOGISTIC],
+        "ablation (b) the mixture: one discretized logistic per channel (model03's p(x|z), with model04's scale floor)"),
+    Job("model04_cifar10-jpeg_vae_k1_L1of6_w32_nocoupling_seed0", "model04.py",
+        [*_M04_CIFAR, *_ONE_LAYER, *_NO_COUPLING], "ablation: one stochastic layer, MoDL K=10 without coupling"),
+    Job("model04_cifar10-jpeg_vae_k1_L1of6_w32_K1_nocoupling_seed0", "model04.py",
+        [*_M04_CIFAR, *_ONE_LAYER, *_LOGISTIC], "ablation: one stochastic layer, one discretized logistic"),
+    Job("model04_cifar10-jpeg_vae_k1_L6_seed0", "model04.py", [*_CIFAR, *_CIFAR_TEST, "--width", "64"],
+        "ablation (a) a bigger network: the full row at twice the width (about three times the cost per step)"),
+    Job("model02_cifar10-jpeg_iwae_k1_unbounded_seed0", "model02.py", [*_CIFAR, *_CIFAR_TEST, "--no-variance-bound"],
+        "rung 2 without the variance bound: the samples that break"),
+    Job("model03_cifar10-jpeg_iwae_k1_unbounded_seed0", "model03.py", [*_CIFAR, *_CIFAR_TEST, "--no-variance-bound"],
+        "rung 3 without the bounded scale"),
+    # the ladder's three rows on all 10,000 test images (their training jobs scored the first 1,000)
+    *[rescore(name) for name in ("model02_cifar10-jpeg_iwae_k1_seed0", "model03_cifar10-jpeg_iwae_k1_seed0",
+                                 "model04_cifar10-jpeg_vae_k1_L6_w32_seed0")],
+]
+
 # In order: a free lane takes the first job that is neither finished nor running.
 JOBS = [
     *PILOTS,
+    *COLOUR_JOBS,
     Job("model01_binarized-mnist_iwae_k5_seed0", "model01.py",
         ["--importance-samples", "5", "--epochs", "3280", "--lr-schedule", "iwae",
          "--val-every", "5900", "--checkpoint-every", "5900", "--log-every", "1000"],
@@ -242,6 +288,9 @@ def job_status(job: Job) -> dict:
                               f"{published['n_test']} images by another run"
                               f"{' with per-image values' if job.needs_per_image else ''} ({job.published_result}, "
                               f"{published.get('device')}){partial}"}
+    checkpoint = job.args[job.args.index("--checkpoint") + 1] if "--checkpoint" in job.args else None
+    if checkpoint and not (REPO_ROOT / checkpoint).exists():  # a re-score of a row its training job has not published
+        return {**status, "state": "waiting", "detail": f"for {checkpoint}, which its training job publishes"}
     details = []
     if (out / "ckpt.pt").exists():
         ckpt = _torch_load(out / "ckpt.pt")
@@ -490,7 +539,7 @@ class Lanes:
             for job in JOBS:
                 if self.only is not None and job.name not in self.only:
                     continue
-                if job.name in self.claimed or job_status(job)["state"] == "finished":
+                if job.name in self.claimed or job_status(job)["state"] in ("finished", "waiting"):
                     continue
                 self.claimed.add(job.name)  # tried once per run, whether it runs here or elsewhere
                 log, why_not = self._take(job)

@@ -15,6 +15,14 @@ from conftest import ROOT, run_script
 from test_segments import SEGMENTED, in_process  # noqa: F401  (fixture)
 
 
+def _published_checkpoints(root):
+    """The checkpoints the fashion-mnist re-scores read, as files under a stand-in repository root: a re-score whose
+    checkpoint does not exist waits for it (job_status)."""
+    (root / "checkpoints").mkdir(exist_ok=True)
+    for name in ("model02_fashion-mnist_iwae_k5_seed0", "model03_fashion-mnist_iwae_k5_seed0"):
+        (root / "checkpoints" / f"{name}.pt").write_bytes(b"weights")
+
+
 @pytest.mark.parametrize("job", campaign.JOBS, ids=lambda job: job.name)
 def test_every_job_is_a_valid_command_of_its_script(job):
     cmd = job.command(minutes=150, data_dir="../shared/data")
@@ -27,8 +35,10 @@ def test_every_job_is_a_valid_command_of_its_script(job):
     assert cfg.out_dir == f"campaign/{job.name}" and cfg.device == "cpu"
     if job.pilot:  # validation only, for an hour of training
         assert cfg.no_test and cfg.max_train_minutes == campaign.PILOT_MINUTES and job.name.startswith("pilot_")
-    elif cfg.eval_only:  # a re-score: of a published checkpoint, at the story's S
-        assert (ROOT / cfg.checkpoint).is_file() and cfg.eval_samples == 5000
+    elif cfg.eval_only:  # a re-score: of a published checkpoint (or one a training job before it publishes)
+        trained_before = [j.name for j in campaign.JOBS[:campaign.JOBS.index(job)] if not j.pilot]
+        assert (ROOT / cfg.checkpoint).is_file() or Path(cfg.checkpoint).stem in trained_before
+        assert cfg.eval_samples == 5000 and cfg.n_test == 0  # the story's S, on the whole test set
         assert job.name == f"{'perimage' if job.needs_per_image else 'eval5000'}_{Path(cfg.checkpoint).stem}"
         assert job.published_result == f"results/{Path(cfg.checkpoint).stem}.json"
     else:  # a training job keeps the run's name, so publishing replaces the row it improves
@@ -59,6 +69,8 @@ def test_a_rescore_published_at_s5000_by_another_run_is_finished(monkeypatch, tm
     job = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [job])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model03_fashion-mnist_iwae_k5_seed0.pt").write_bytes(b"weights")
     (tmp_path / "results").mkdir()
     published = tmp_path / job.published_result
     published.write_text(json.dumps({"eval_samples": 100, "test_ll_nats": -1950.2, "n_test": 10000, "device": "CPU"}))
@@ -80,6 +92,8 @@ def test_a_per_image_rescore_runs_until_the_published_row_has_per_image_values(m
         *first.command(None, None)[:-3], "--out-dir", again.out_dir, "--publish"]
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, again])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / f"{name}.pt").write_bytes(b"weights")
     (tmp_path / "results").mkdir()
     published = tmp_path / again.published_result
     row = {"eval_samples": 5000, "test_ll_nats": -1937.61, "n_test": 10000, "device": "CPU"}
@@ -177,6 +191,7 @@ def test_a_job_running_elsewhere_is_skipped_not_run_twice(monkeypatch, tmp_path,
     holds (a command started by hand) is skipped too. The next free job is taken instead."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    _published_checkpoints(tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
     one = campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path)
     assert one.next_job() is first
@@ -203,6 +218,7 @@ def test_a_job_that_cannot_start_is_counted_failed_and_frees_its_lock(monkeypatc
     report it, release the job's log lock so a later run can take it, and go on with the next job."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    _published_checkpoints(tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
     started = []
 
@@ -234,6 +250,7 @@ def test_only_runs_the_named_jobs_with_the_threads_asked_for(monkeypatch, tmp_pa
     child gets OMP_NUM_THREADS=2, and the run's record says how it ran."""
     first, second = campaign.rescore("model03_fashion-mnist_iwae_k5_seed0"), campaign.rescore("model02_fashion-mnist_iwae_k5_seed0")
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    _published_checkpoints(tmp_path)
     monkeypatch.setattr(campaign, "JOBS", [first, second])
     monkeypatch.setattr(campaign, "print_status", lambda record, note, at=None: notes.append(note))
     started, notes = [], []
@@ -270,6 +287,7 @@ def test_curves_compare_runs_at_equal_epochs_by_their_best_validation_bound(monk
     jobs = [campaign.Job("b100", "model01.py", [], ""), campaign.Job("b20", "model01.py", [], ""),
             campaign.rescore("model03_fashion-mnist_iwae_k5_seed0")]
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    _published_checkpoints(tmp_path)
     monkeypatch.setattr(campaign, "JOBS", jobs)
 
     def write_log(job, validations):
@@ -371,3 +389,22 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     table = campaign.pilot_table()
     best = max(v["val_bound_nats"] for v in vals)
     assert f"| tiny | 40 | " in table and f"{best:.2f}" in table  # within 15 minutes of training: every column
+
+
+def test_a_rescore_waits_for_the_checkpoint_its_training_job_publishes(monkeypatch, tmp_path):
+    """A re-score queued behind the training job that publishes its checkpoint is not taken (it would fail) until
+    the checkpoint exists; a published result on fewer test images than the whole set still needs it."""
+    job = campaign.rescore("model03_cifar10-jpeg_iwae_k1_seed0")
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign, "JOBS", [job])
+    status = campaign.job_status(job)
+    assert status["state"] == "waiting" and "checkpoints/model03_cifar10-jpeg_iwae_k1_seed0.pt" in status["detail"]
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model03_cifar10-jpeg_iwae_k1_seed0.pt").write_bytes(b"weights")
+    (tmp_path / "results").mkdir()
+    row = {"eval_samples": 5000, "test_ll_nats": -6000.0, "n_test": 1000, "device": "CPU"}
+    (tmp_path / job.published_result).write_text(json.dumps(row))
+    assert campaign.job_status(job)["state"] == "not started"
+    assert campaign.Lanes(minutes=1, lanes=1, data_dir=None, log_dir=tmp_path).next_job() is job
+    assert not campaign.rescored(row, per_image=False) and campaign.rescored({**row, "n_test": 10000}, per_image=False)
