@@ -173,8 +173,8 @@ JOBS = [
     rescore("model02_fashion-mnist_iwae_k5_seed0"),
     rescore("model03_fashion-mnist_iwae_k5_unbounded_seed0"),
     rescore("model02_fashion-mnist_iwae_k5_unbounded_seed0"),
-    rescore("model04_fashion-mnist_vae_k1_L6_seed0"),
-    rescore("model04_binarized-mnist_vae_k1_L6_seed0"),
+    rescore("model04_fashion-mnist_vae_k1_L6_w32_seed0"),
+    rescore("model04_binarized-mnist_vae_k1_L6_w32_seed0"),
     # The batch-100 run again with the paper's initialisation (model01 --init burda: Glorot-uniform weights, zero
     # biases, Bernoulli output bias at the logit of the mean training pixel), as in the paper's code (yburda/iwae)
     # and in nbip/IWAE, which reproduced the paper's -85.5 at k=5; our runs had PyTorch's default initialisation.
@@ -218,5 +218,5 @@ JOBS = [
     *[rescore(checkpoint, per_image=True) for checkpoint in (
         "model03_fashion-mnist_iwae_k5_seed0", "model03_fashion-mnist_iwae_k5_unbounded_seed0",
         "model02_fashion-mnist_iwae_k5_seed0", "model02_fashion-mnist_iwae_k5_unbounded_seed0",
-        "model04_binarized-mnist_vae_k1_L6_seed0")],
+        "model04_binarized-mnist_vae_k1_L6_w32_seed0")],
 ]

@@ -556,7 +556,7 @@ def _bound_sentence(model: str):
 def sentence_model04(results: list[dict]) -> str:
     """model04 against the earlier rungs: model01's rows on binarized MNIST, the best bits/dim on Fashion-MNIST."""
     parts = []
-    hier = _row(results, "model04_binarized-mnist_vae_k1_L6_seed0")
+    hier = _row(results, "model04_binarized-mnist_vae_k1_L6_w32_seed0")
     m01 = [r for r in results if r["model"] == "model01" and r["dataset"] == "binarized-mnist"]
     if hier is not None and m01:
         below = sum(r["test_ll_nats"] < hier["test_ll_nats"] for r in m01)
