@@ -51,6 +51,12 @@
 #                         start-up + test pass), --epochs E = 0.85 * M * (images/s of the step-1 model01 quick run)
 #                         / 59000 (the iwae schedule is stretched over E epochs, so E must fit in M to reach its
 #                         last stage; the time limit is the guard). Limit M*60 + 180 s.
+#   5 model04     ~8 min  (opt-in, runs before step 4) model04 at its GPU-sized defaults (width 64, batch 256, 6 layers)
+#                         on dynamically binarized MNIST, its own row: --max-steps sized to M04_MAX_MIN minutes at
+#                         the rate of bench_h200.json (the time limit is the guard), KL warm-up over the first fifth,
+#                         test L_100 on the 10k images (a GPU L_5000 of this width takes ~10 min), --publish: the
+#                         row and its checkpoint come back; step 4 (here or on a later machine) or the CPU campaign's
+#                         re-score brings it to L5000 on the full test set. Limit M*60 + 240 s.
 #   4 re-scores   rest    L5000 (full test set; --eval-chunk 0 = the rung's automatic pass size on CUDA, 2^18
 #                         latents, model04 2^14: its checkpoints carry --eval-chunk 2048 from their CPU runs) of
 #                         every published model02/03/04 checkpoint in checkpoints/ whose results/ file is not yet
@@ -76,7 +82,8 @@
 #                      may have no .git -- every result.json then says git_commit "unknown" -- or a stale one, an
 #                      older commit + "-dirty"; the unpack script puts this value in)
 #   --budget-s N       total seconds (default 720; dry-run 1800)
-#   --steps LIST       comma-separated subset of 1,2,3,4 (default 1,2,4: step 3 is opt-in since the CPU campaign
+#   --steps LIST       comma-separated subset of 1,2,3,4,5 (default 1,2,4; step 5 is opt-in, e.g. --steps 5,4 for the
+#                      GPU-sized model04 row and then its re-score; step 3 is opt-in since the CPU campaign
 #                      published model01 after the whole 3280-epoch schedule, which ~6 GPU minutes at batch 100 cannot
 #                      beat; without step 1, step 3 sizes E from a fallback rate)
 #   --resume-runs DIR  DIR/rescore/<checkpoint>/test_eval.pt from an earlier PARTIAL re-score continue it
@@ -252,7 +259,7 @@ fi
 mkdir -p "$OUT_DIR" 2>/dev/null || die "cannot create --out $OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 touch "$OUT_DIR/.write-test" 2>/dev/null && rm -f "$OUT_DIR/.write-test" || die "--out $OUT_DIR is not writable"
-case ",$STEPS," in *,[!1-4,]*) die "--steps takes a comma-separated subset of 1,2,3,4, got $STEPS" ;; esac
+case ",$STEPS," in *,[!1-5,]*) die "--steps takes a comma-separated subset of 1,2,3,4,5, got $STEPS" ;; esac
 if [ -n "$RESUME_RUNS" ]; then RESUME_RUNS="$(cd "$RESUME_RUNS" 2>/dev/null && pwd)" || die "--resume-runs: no such directory"; fi
 PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
 [ -n "$PY" ] || die "no python3 on PATH"
@@ -262,12 +269,12 @@ STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 if [ "$DRY" = 1 ]; then
   MODE="dry-run (cpu)"; DEV=cpu; BUDGET_S="${BUDGET_S:-1800}"
-  T_QUICK1=600; T_QUICK=600; T_BENCH=600; M01_MAX_MIN=0.3; STEP4_RESERVE_S=60; STEP3_OVERHEAD_S=120
+  T_QUICK1=600; T_QUICK=600; T_BENCH=600; M01_MAX_MIN=0.3; STEP4_RESERVE_S=60; STEP3_OVERHEAD_S=120; M04_MAX_MIN=0.3
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   OMP_CUDA=$OMP_NUM_THREADS; OMP_GLOO=$OMP_NUM_THREADS; PARALLEL=0
 else
   MODE="gpu"; DEV=cuda; BUDGET_S="${BUDGET_S:-720}"
-  T_QUICK1=120; T_QUICK=180; T_BENCH=150; M01_MAX_MIN=6; STEP4_RESERVE_S=120; STEP3_OVERHEAD_S=60
+  T_QUICK1=120; T_QUICK=180; T_BENCH=150; M01_MAX_MIN=6; STEP4_RESERVE_S=120; STEP3_OVERHEAD_S=60; M04_MAX_MIN=8
   OMP_CUDA=2; OMP_GLOO=4; PARALLEL=1
 fi
 DEADLINE=$((START + BUDGET_S))
@@ -575,6 +582,43 @@ EOF
   pack_out
 else
   record 3 model01_k5 SKIPPED 0 "not in --steps"
+fi
+
+# ------------------------------------------------------------------------------------------------- step 5
+# (before step 4, which gives its re-scores all the time left)
+if want_step 5; then
+  log "===== step 5: model04 at its GPU-sized defaults on binarized MNIST, its own row, --publish"
+  reserve=$STEP4_RESERVE_S; want_step 4 || reserve=0
+  read -r M04_MIN M04_STEPS <<< "$("$PY" - "$(left_s)" "$reserve" "$M04_MAX_MIN" "$DRY" <<'EOF' || echo "0 0"
+import sys
+left, reserve, max_min, dry = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+minutes = max(0.0, min(max_min, (left - reserve - 240) / 60))  # 240 s: start-up, test L_100, figures, publishing
+rate = 100.0 if dry else 3300.0  # images/s of model04's training step on an H200 (results/bench_h200.json, batch 100)
+print(f"{minutes:.2f} {max(20, int(0.85 * minutes * 60 * rate / (32 if dry else 256)))}")
+EOF
+  )"
+  { echo "m04_minutes=$M04_MIN"; echo "m04_steps=$M04_STEPS"; } >> "$WORK/env.txt"
+  log "model04: ${M04_MIN} min of training -> --max-steps ${M04_STEPS}"
+  if [ "$DRY" = 1 ]; then
+    M04_SIZES=(--width 8 --latent-channels 2 --batch-size 32 --n-test 50 --eval-samples 10 --val-samples 5)
+  else
+    M04_SIZES=(--eval-samples 100)
+  fi
+  if ! have mnist; then
+    record 5 model04_default SKIPPED 0 "no MNIST in the data"
+  elif awk -v m="$M04_MIN" 'BEGIN { exit !(m < 0.05) }'; then
+    record 5 model04_default SKIPPED 0 "no time left (${M04_MIN} min)"
+  else
+    limit=$(awk -v m="$M04_MIN" 'BEGIN { printf "%d", m * 60 + 240 }')
+    run_cmd 5 model04_default "$(( $(left_s) < limit ? $(left_s) : limit ))" \
+      env OMP_NUM_THREADS=$OMP_CUDA "$PY" model04.py --max-steps "$M04_STEPS" --kl-warmup-steps $(( M04_STEPS / 5 )) \
+      --warmup-steps $(( M04_STEPS / 20 )) --val-every $(( M04_STEPS / 4 )) --checkpoint-every $(( M04_STEPS / 4 )) \
+      --max-train-minutes "$M04_MIN" --device $DEV --data-dir "$DATA_DIR" --out-dir "$WORK/runs/model04_default" \
+      --publish "${M04_SIZES[@]}"
+  fi
+  pack_out
+else
+  record 5 model04_default SKIPPED 0 "not in --steps"
 fi
 
 # ------------------------------------------------------------------------------------------------- step 4

@@ -18,7 +18,7 @@ def published_hashes() -> dict:
 def test_dry_run_rehearses_every_step_and_changes_no_published_file(data_dir, tmp_path):
     before = published_hashes()
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run(["bash", "scripts/gpu_campaign.sh", "--dry-run", "--steps", "1,2,3,4", "--out", str(out),
+    proc = subprocess.run(["bash", "scripts/gpu_campaign.sh", "--dry-run", "--steps", "1,2,3,4,5", "--out", str(out),
                            "--work", str(work),
                            "--data", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -29,10 +29,11 @@ def test_dry_run_rehearses_every_step_and_changes_no_published_file(data_dir, tm
     rows = [line.split() for line in summary.splitlines() if line[:1].isdigit()]
     jobs = {row[1]: row[2] for row in rows}
     for job in ("quick_model01", "quick_model02", "quick_model02_unbounded", "quick_model03", "quick_model04",
-                "quick_model01_compile", "torchrun_model01", "bench", "model01_k5"):
+                "quick_model01_compile", "torchrun_model01", "bench", "model01_k5", "model04_default"):
         assert jobs.get(job) == "OK", summary
     rescores = [row for row in rows if row[0] == "4"]
-    assert len(rescores) == 6 and [r[2] for r in rescores].count("PARTIAL") == 1, summary  # one forced PARTIAL
+    # the six published model02/03/04 checkpoints and the one step 5 just published; one forced PARTIAL
+    assert len(rescores) == 7 and [r[2] for r in rescores].count("PARTIAL") == 1, summary
     assert "0 FAILED" in summary
     assert published_hashes() == before  # the rehearsal published into a scratch copy only
 
