@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import campaign
+import campaign_jobs
 import config
 import run_files
 import runtime
@@ -384,6 +385,7 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     assert [v["step"] for v in vals] == [20, 40] and all(v["train_time_s"] >= 0 for v in vals)
     monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(campaign, "CAMPAIGN_DIR", ".")
+    monkeypatch.setattr(campaign_jobs, "CAMPAIGN_DIR", ".")  # (where a job's out-dir is)
     (tmp_path / job.name).symlink_to(out)
     assert campaign.job_status(job)["state"] == "finished"
     table = campaign.pilot_table()
