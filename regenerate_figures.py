@@ -18,7 +18,8 @@ command says so: a few pixels of such a grid may then differ from the published 
 share figure files the newest one's figures end in assets/, as with --publish. Exit status 1 when any
 result could not be redrawn (its checkpoint is missing or its script failed): each is reported.
 
---curves draws, per data set, the validation bound of every published run that has a log.jsonl in the
+--curves also draws assets/layers_<dataset>.png: each stochastic layer's KL and share of active units, a bar per
+model04 row. And it draws, per data set, the validation bound of every published run that has a log.jsonl in the
 tree (campaign/<run>/ or runs/<run>/) against epochs and against hours of training, into
 assets/curves_<dataset>.png (fixed size, no timestamps: the same logs give the same bytes). Runs without a
 log are named in the figure and in the output.
@@ -50,7 +51,8 @@ def load_results(results_dir: Path) -> list[dict]:
             results.append({"run_name": record["run_name"], "model": record["model"], "quick": record.get("quick"),
                             "device_type": record.get("device_type", "cpu"), "date": record.get("date", ""),
                             "dataset": record.get("dataset", "?"), "steps": record.get("steps"),
-                            "epochs": record.get("epochs"), "path": path})
+                            "epochs": record.get("epochs"), "latent_layer_stats": record.get("latent_layer_stats"),
+                            "path": path})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RegenerateError(f"{path} is not a result file written by `modelNN.py --publish` "
                                   f"({type(e).__name__}: {e}); `python compare.py` says more.") from None
@@ -194,6 +196,49 @@ def draw_curves(results: list[dict], log_dirs: list[Path], out_dir: Path) -> lis
     return written
 
 
+def draw_layer_statistics(results: list[dict], out_dir: Path) -> list[Path]:
+    """assets/layers_<dataset>.png per data set with a model04 row (the rung with layers to compare): each stochastic
+    layer's KL(q || p) in nats and its share of active units, a bar per row, so a collapsed layer (KL near 0, no
+    active units) shows at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset in sorted({r["dataset"] for r in results}):
+        rows = sorted((r for r in results if r["dataset"] == dataset and r["model"] == "model04"
+                       and r.get("latent_layer_stats")), key=lambda r: r["run_name"])
+        if not rows:
+            continue
+        plt.rcParams.update({"font.size": 8})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
+        width = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            stats = r["latent_layer_stats"]
+            x = [s["layer"] - 0.4 + width * (i + 0.5) for s in stats]
+            axes[0].bar(x, [s["kl_nats"] for s in stats], width, label=r["run_name"])
+            axes[1].bar(x, [s["active_units"] / s["units"] for s in stats], width, label=r["run_name"])
+        labels = {s["layer"]: f"{s['layer']}\n{s['resolution']}" for r in rows for s in r["latent_layer_stats"]}
+        for ax, ylabel in zip(axes, ("KL(q || p) over the test images (nats)", "active units (share of the layer)")):
+            ax.set_xticks(sorted(labels), [labels[k] for k in sorted(labels)])
+            ax.set_xlabel("stochastic layer (top first) and its resolution")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, axis="y", linewidth=0.3)
+        axes[1].set_ylim(0, 1)
+        axes[1].legend(loc="upper left", fontsize=7)
+        fig.suptitle(f"{dataset}: what each stochastic layer carries, from result.json (latent_layer_stats)")
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"layers_{dataset}.png"
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        os.replace(tmp, target)
+        print(f"wrote {target} ({len(rows)} rows)")
+        written.append(target)
+    return written
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results",
@@ -212,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep each run's redrawn figures in OUT_DIR/<run> (default: a temporary directory)")
     parser.add_argument("--dry-run", action="store_true", help="list the commands and missing checkpoints; run nothing")
     parser.add_argument("--curves", action="store_true",
-                        help="draw assets/curves_<dataset>.png from the published runs' log.jsonl, then exit")
+                        help="draw assets/curves_<dataset>.png from the published runs' log.jsonl and "
+                             "assets/layers_<dataset>.png from their per-layer statistics, then exit")
     parser.add_argument("--log-dirs", type=Path, nargs="+", default=[REPO_ROOT / "campaign", REPO_ROOT / "runs"],
                         help="where --curves looks for <run>/log.jsonl (default: campaign/ runs/)")
     parser.add_argument("--assets-dir", type=Path, default=REPO_ROOT / "assets",
@@ -246,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.curves:
         draw_curves(results, args.log_dirs, args.assets_dir)
+        draw_layer_statistics(results, args.assets_dir)
         return 0
 
     data_dir = args.data_dir or os.environ.get("VAE_DATA_DIR") or "data"  # never the trainer's own path

@@ -450,6 +450,28 @@ def test_curves_are_drawn_from_a_log_into_a_fixed_size_png(tmp_path):
     first = png.read_bytes()
     assert run_script(ROOT / "regenerate_figures.py", *argv).returncode == 0
     assert png.read_bytes() == first
+    assert not (assets / "layers_binarized-mnist.png").exists()  # no model04 row with per-layer statistics
+
+
+def test_layer_statistics_figure_shows_every_model04_layer(tmp_path):
+    """--curves also draws each model04 row's per-layer KL and share of active units, one PNG per data set; rows of
+    other rungs (model01 records its one layer too) stay out of it."""
+    import regenerate_figures
+    from PIL import Image
+
+    stats = [{"layer": i + 1, "resolution": r, "units": u, "kl_nats": kl, "active_units": a}
+             for i, (r, u, kl, a) in enumerate([("4x4", 256, 4.9, 5), ("7x7", 784, 0.01, 0), ("14x14", 3136, 13.0, 2395)])]
+    rows = [{"run_name": "model04_binarized-mnist_vae_k1_L3_seed7", "model": "model04", "dataset": "binarized-mnist",
+             "latent_layer_stats": stats},
+            {"run_name": "model01_binarized-mnist_iwae_k5_seed7", "model": "model01", "dataset": "binarized-mnist",
+             "latent_layer_stats": [{"layer": 1, "units": 50, "kl_nats": 25.0, "active_units": 20}]},
+            {"run_name": "model01_mnist_iwae_k5_seed7", "model": "model01", "dataset": "mnist",
+             "latent_layer_stats": [{"layer": 1, "units": 50, "kl_nats": 25.0, "active_units": 20}]}]
+    written = regenerate_figures.draw_layer_statistics(rows, tmp_path)
+    assert written == [tmp_path / "layers_binarized-mnist.png"]
+    first = written[0].read_bytes()
+    assert Image.open(written[0]).size == (1100, 360)
+    assert regenerate_figures.draw_layer_statistics(rows, tmp_path) == written and written[0].read_bytes() == first
 
 
 def _folder_row(results_dir: Path, name: str, sha: str, bpd: float) -> dict:
