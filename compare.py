@@ -396,18 +396,18 @@ def _evaluation_row(r: dict) -> list[str] | None:
             f"{ev['speedup']:.2f}x", f"{ev['hours_for_test_l5000']:.1f} h"]
 
 
+def _eval_bench_note(report: dict, link: str) -> str:
+    ev = report["results"][0]["eval"]
+    return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
+
+
 def eval_bench_block(benches: list[dict], link_base: Path) -> str:
     """The evaluation speed of every rung, before and after the CPU evaluation defaults changed (bench.py's
     previous_cpu_defaults variant), from the reports that have it."""
     benches = [b for b in benches if any("previous_cpu_defaults" in r["eval"] for r in b["results"])]
     if not benches:
         return "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._"
-
-    def note(report, link):
-        ev = report["results"][0]["eval"]
-        return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
-
-    return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, note)
+    return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, _eval_bench_note)
 
 
 CODE_BENCH_HEADER = ("| device | model | threads | settings | samples/s: script at commit -> ours | speed-up | "
@@ -432,12 +432,7 @@ def code_bench_block(benches: list[dict], link_base: Path) -> str:
     benches = [b for b in benches if any("baseline" in r["eval"] for r in b["results"])]
     if not benches:
         return "_No such benchmark yet: `python bench.py --phases eval --baseline-commit REV ...`._"
-
-    def note(report, link):
-        ev = report["results"][0]["eval"]
-        return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
-
-    return _bench_table(benches, link_base, CODE_BENCH_HEADER, _code_row, note)
+    return _bench_table(benches, link_base, CODE_BENCH_HEADER, _code_row, _eval_bench_note)
 
 
 def _date(r: dict) -> datetime.datetime:

@@ -185,15 +185,22 @@ def draw_curves(results: list[dict], log_dirs: list[Path], out_dir: Path) -> lis
         if no_log:
             fig.text(0.01, 0.01, "no log in the tree: " + ", ".join(no_log), fontsize=7)
         fig.tight_layout(rect=(0, 0.04 if no_log else 0, 1, 1))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"curves_{dataset}.png"
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        os.replace(tmp, target)
-        print(f"wrote {target} ({len(curves)} runs)")
-        written.append(target)
+        written.append(save_figure(fig, out_dir / f"curves_{dataset}.png", f"{len(curves)} runs"))
     return written
+
+
+def save_figure(fig, target: Path, what: str) -> Path:
+    """A matplotlib figure as a PNG without a timestamp or software tag (the same figure, the same bytes), written
+    atomically; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, target)
+    print(f"wrote {target} ({what})")
+    return target
 
 
 def draw_layer_statistics(results: list[dict], out_dir: Path) -> list[Path]:
@@ -228,14 +235,7 @@ def draw_layer_statistics(results: list[dict], out_dir: Path) -> list[Path]:
         axes[1].legend(loc="upper left", fontsize=7)
         fig.suptitle(f"{dataset}: what each stochastic layer carries, from result.json (latent_layer_stats)")
         fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"layers_{dataset}.png"
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        os.replace(tmp, target)
-        print(f"wrote {target} ({len(rows)} rows)")
-        written.append(target)
+        written.append(save_figure(fig, out_dir / f"layers_{dataset}.png", f"{len(rows)} rows"))
     return written
 
 
