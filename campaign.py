@@ -237,11 +237,16 @@ PILOT_TABLE = "pilots.md"  # campaign/pilots.md: the committed table of every pi
 PILOT_CHECKPOINTS_MIN = (15, 30, 45, 60)  # minutes of training at which the table compares the candidates
 
 
-def pilot_row(job: Job) -> list[str] | None:
-    """[variant, steps, epochs, images/s, best validation bound at each of PILOT_CHECKPOINTS_MIN] from the pilot's
-    log.jsonl (its validations record the training time they came at); None before its first validation."""
+def _pilot_validations(job: Job) -> list[dict]:
+    return [r for r in _log_rows(REPO_ROOT / job.out_dir) if r.get("type") == "val" and "train_time_s" in r]
+
+
+def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
+    """[variant, steps, epochs, images/s, best validation bound at each of PILOT_CHECKPOINTS_MIN, best validation bound
+    by step `common_step`] from the pilot's log.jsonl (its validations record the training time they came at); None
+    before its first validation."""
     rows = _log_rows(REPO_ROOT / job.out_dir)
-    validations = [r for r in rows if r.get("type") == "val" and "train_time_s" in r]
+    validations = _pilot_validations(job)
     if not validations:
         return None
     trains = [r for r in rows if r.get("type") == "train"]
@@ -251,6 +256,8 @@ def pilot_row(job: Job) -> list[str] | None:
         reached = [r["val_bound_nats"] for r in validations if r["train_time_s"] <= 60 * minutes + 1]
         finished = any(r.get("type") == "done" for r in rows) or validations[-1]["train_time_s"] >= 60 * minutes
         cells.append(f"{max(reached):.2f}" if reached and finished else "—")
+    by_step = [r["val_bound_nats"] for r in validations if common_step is not None and r["step"] <= common_step]
+    cells.append(f"{max(by_step):.2f}" if by_step else "—")
     last = trains[-1] if trains else {"step": validations[-1]["step"], "epoch": float("nan")}
     return [job.name.split("_", 2)[2], f"{last['step']:,}", f"{last['epoch']:.1f}",
             f"{speeds[len(speeds) // 2]:.0f}" if speeds else "—", *cells]
@@ -262,22 +269,34 @@ def pilot_table() -> str:
     groups: dict[str, list[Job]] = {}
     for job in PILOTS:
         groups.setdefault(job.name.split("_")[1], []).append(job)
-    header = ["variant", "steps", "epochs", "images/s (median)", *[f"best val @ {m} min" for m in PILOT_CHECKPOINTS_MIN]]
+    header = ["variant", "steps", "epochs", "images/s (median)", *[f"best val @ {m} min" for m in PILOT_CHECKPOINTS_MIN],
+              "best val by the common step"]
     parts = ["# Pilots\n\nWritten by `python campaign.py pilots --write` from the pilots' `log.jsonl` "
              "(`campaign/pilot_*`). Each candidate trains for an hour of one CPU thread (`--max-train-minutes "
              f"{PILOT_MINUTES} --no-test`: validation only, the test set untouched); the columns give its best "
              "validation bound (nats, higher is better) once it had trained that long. Training time includes the "
-             "validation passes (the same step interval and S for every candidate of a group). Speeds depend on the machine and on what else ran beside a pilot: read them "
-             "within a group, and see each log's config record for the machine."]
+             "validation passes (the same step interval and S for every candidate of a group). Speeds depend on the "
+             "machine and on what else ran beside a pilot (the images/s column shows it): a candidate that ran beside "
+             "less load gets further in the same minutes. The last column compares the candidates at equal steps "
+             "instead: its best bound by the last step at which every finished candidate of the group validated (the "
+             "common step, under each table): where two candidates cost the same per step (free bits, the learning rate) it is the fair "
+             "comparison, and beside the minutes it shows what a costlier step buys per step."]
     for group, jobs in groups.items():
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        # the last step at which every finished candidate validated (all validate every --val-every steps, and a
+        # candidate stopped by the time limit once more where it stopped)
+        validated = [{r["step"] for r in _pilot_validations(job)} for job in jobs
+                     if job_status(job)["state"] == "finished"]
+        common_step = max(set.intersection(*validated), default=None) if validated else None
         for job in jobs:
-            row = pilot_row(job)
+            row = pilot_row(job, common_step)
             row = row or [job.name.split("_", 2)[2], "not run yet"] + [""] * (len(header) - 2)
             lines.append("| " + " | ".join(row) + " |")
         whys = "\n".join(f"- `{job.name.split('_', 2)[2]}`: {job.why}: `{' '.join(job.command(None, None))}`"
                           for job in jobs)
-        parts.append(f"## {group}\n\n" + "\n".join(lines) + "\n\n" + whys)
+        common = (f"The common step: {common_step:,}." if common_step
+                  else "No candidate of this group has finished yet: no common step.")
+        parts.append(f"## {group}\n\n" + "\n".join(lines) + "\n\n" + common + "\n\n" + whys)
     return "\n\n".join(parts) + "\n"
 
 

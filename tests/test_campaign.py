@@ -391,6 +391,8 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     table = campaign.pilot_table()
     best = max(v["val_bound_nats"] for v in vals)
     assert f"| tiny | 40 | " in table and f"{best:.2f}" in table  # within 15 minutes of training: every column
+    row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    assert row.endswith(f"| {best:.2f} |") and "The common step: 40." in table  # by its last validation, step 40
 
 
 def test_a_rescore_waits_for_the_checkpoint_its_training_job_publishes(monkeypatch, tmp_path):
