@@ -560,6 +560,16 @@ def sentence_model04(results: list[dict]) -> str:
                      f"the {len(m01)} model01 rows, whose training took "
                      f"{format_duration(min(r.get('train_time_s') or 0 for r in m01))} to "
                      f"{format_duration(max(r.get('train_time_s') or 0 for r in m01))}.")
+        best01 = max(m01, key=lambda r: r["test_ll_nats"])
+        gap = _gap(results, hier["run_name"], best01["run_name"])
+        if gap is not None:
+            parts.append(f"Image by image on the same test images it is {gap} from the best model01 row "
+                         f"(`{best01['run_name']}`).")
+        margin = hier["test_ll_nats"] - best01["test_ll_nats"]
+        met = hier["eval_samples"] >= 5000 and hier["test_ll_nats"] >= -82.0 and margin >= 3.0
+        parts.append(f"The goal (`L_5000 >= -82` nats, three above the best model01 row) is "
+                     f"{'met' if met else 'not met yet'}: it is {abs(margin):.2f} nats "
+                     f"{'above' if margin >= 0 else 'below'} that row.")
     fashion = {}
     for r in results:
         if r["dataset"] == "fashion-mnist" and r["test_bpd"] is not None:
