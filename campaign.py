@@ -419,7 +419,7 @@ class Lanes:
                 return
             else:
                 self.failed.append(job.name)
-                print(f"[lane {index}] {job.name}: exit {code}, see {log}", flush=True)
+                print(f"[lane {index}] {job.name}: exit {code}, see {log.name}", flush=True)
 
     def run(self) -> int:
         def forward(signum, frame):  # children save their state on SIGINT/SIGTERM

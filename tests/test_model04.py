@@ -345,3 +345,15 @@ def test_fewer_stochastic_layers_keep_the_network():
     assert model04.run_suffix(model04.Config(latent_layers=1, top_down_layers=6)) == "_L1of6"
     with pytest.raises(runtime.UserError, match="top-down-layers"):
         model04.Config(latent_layers=6, top_down_layers=3)
+
+
+def test_skip_threshold_default_depends_on_the_data():
+    """Gradient norms under the mixture on 8-bit RGB reach 1e6 in healthy training (a 1e6 threshold froze a
+    cifar10-jpeg run at step 500): the default skips only blow-ups, 1e6 on binary data and 1e9 on 8-bit data,
+    and an explicit --skip-threshold wins."""
+    assert model04.Config(dataset="binarized-mnist").skip_threshold == 1e6
+    assert model04.Config(dataset="cifar10-jpeg").skip_threshold == 1e9
+    assert model04.Config(dataset="fashion-mnist").skip_threshold == 1e9
+    assert model04.Config(dataset="cifar10-jpeg", skip_threshold=5e6).skip_threshold == 5e6
+    args = model04.build_parser().parse_args(["--dataset", "cifar10-jpeg"])
+    assert model04.Config.from_dict(vars(args)).skip_threshold == 1e9
