@@ -257,7 +257,8 @@ def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
         finished = any(r.get("type") == "done" for r in rows) or validations[-1]["train_time_s"] >= 60 * minutes
         cells.append(f"{max(reached):.2f}" if reached and finished else "—")
     by_step = [r["val_bound_nats"] for r in validations if common_step is not None and r["step"] <= common_step]
-    cells.append(f"{max(by_step):.2f}" if by_step else "—")
+    reached = common_step is not None and validations[-1]["step"] >= common_step  # (one still short of it: —)
+    cells.append(f"{max(by_step):.2f}" if by_step and reached else "—")
     last = trains[-1] if trains else {"step": validations[-1]["step"], "epoch": float("nan")}
     return [job.name.split("_", 2)[2], f"{last['step']:,}", f"{last['epoch']:.1f}",
             f"{speeds[len(speeds) // 2]:.0f}" if speeds else "—", *cells]
