@@ -162,13 +162,15 @@ COLOUR_JOBS = [
 
 # In order: a free lane takes the first job that is neither finished nor running.
 # model04 on binarized MNIST to the goal of its docstring (L_5000 >= -82 nats, 3 above model01's best row), with the
-# recipe the m04bin pilots favour so far (campaign/pilots.md): width 32 (width 64 and IWAE k=5 are far behind at
-# equal minutes), the ELBO with analytic KL, one block per layer, six layers, lr 1e-3, and 1 nat of free bits per
-# layer: free bits cost nothing per step and its pilot tracked the baseline's validation bound step for step (-83.3
+# recipe that leads the m04bin pilots at equal minutes so far (campaign/pilots.md): width 32 (width 64 and IWAE k=5
+# are far behind), the ELBO with analytic KL, one block per layer, six layers, lr 1e-3, and 1 nat of free bits per
+# layer. Free bits cost nothing per step and its pilot tracked the baseline's validation bound step for step (-83.3
 # against -83.5 nats at step 9,000), while a layer may not collapse (the short published row's second layer had
-# 0.37 nats; with free bits the weakest layer of the pilot, on the validation images, carries 1.2). A later pilot
-# (12 layers, two blocks, lr 2e-3) that beats it changes this job before it starts (the pilots come first in the
-# queue). 350 epochs: about 30 hours of one core at the pilots' speed, then
+# 0.37 nats; with free bits the weakest layer of the pilot, on the validation images, carries 1.2). Twelve layers
+# were ahead per step (-83.9 against -85.9 at step 7,500) but not per minute (-83.9 against -82.3 for free bits
+# at 60) and cost more per evaluation sample. The pilots with two blocks and lr 2e-3 come first in the queue; one
+# that beats this recipe changes the job before it starts. 350 epochs: about 30 hours of one core at the pilots'
+# speed, then
 # L_5000 on the 10,000 test images (about 15 more at width 32). Validation every ~10 epochs: a pass of S=100 over
 # the validation images costs minutes, and the pilots' every 1.6 epochs would be a quarter of the run.
 M04_BINARIZED = Job("model04_binarized-mnist_vae_k1_L6_w32_seed0", "model04.py",
