@@ -42,8 +42,8 @@ import argparse
 import copy
 import datetime
 import importlib
-import json
 import importlib.util
+import json
 import math
 import os
 import platform
@@ -369,7 +369,7 @@ def naive_evaluate(model, split: data_lib.Split, num_samples: int, naive_forward
 def build(spec: BenchModel, args, data, device):
     module = importlib.import_module(spec.script)
     rung = module.RUNG
-    cfg = rung.config_class.from_dict({**asdict(rung.config_class()), **spec.overrides, **parse_settings(args.set),
+    cfg = rung.config_class.from_dict({**asdict(rung.config_class()), **spec.overrides, **args.settings,
                                        "dataset": spec.dataset, "batch_size": args.batch_size,
                                        "importance_samples": args.importance_samples, "seed": args.seed})
     torch.manual_seed(args.seed)
@@ -424,7 +424,7 @@ def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, d
     result = {"model": name, "threads": threads, "script": f"{spec.script}.py", "dataset": spec.dataset,
               "parameters": n_params,
               "batch_size": cfg.batch_size, "importance_samples": cfg.importance_samples,
-              "naive_forward": spec.naive_forward.__name__, "config_overrides": parse_settings(args.set),
+              "naive_forward": spec.naive_forward.__name__, "config_overrides": args.settings,
               "train": {}, "eval": {}}
     if "train" in args.phases:
         bench_training(spec, args, data, device, memory, rung, cfg, model_ours, result)
@@ -655,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise runtime.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        args.settings = parse_settings(args.set)  # {config field: value}, for every measured rung
         if args.threads is not None and min(args.threads) < 1:
             raise runtime.UserError(f"--threads must be >= 1, got {args.threads}")
         device = runtime.resolve_device(args.device, runtime.DistInfo())
@@ -678,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "load_average_1min_at_start": round(os.getloadavg()[0], 2),  # other processes share the machine
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "settings")},
             "memory_measure": memory.method,
             "results": [],  # one record per model and thread setting
         }

@@ -37,7 +37,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from campaign_jobs import (CAMPAIGN_DIR, FULL_TEST_IMAGES, JOBS, PILOT_MINUTES, PILOTS, Job,  # noqa: F401
+from campaign_jobs import (CAMPAIGN_DIR, JOBS, PILOT_MINUTES, PILOTS, Job,  # noqa: F401
                            pilot, rescore, rescored)  # (re-exported: tests and scripts/gpu_campaign.sh use them here)
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -237,8 +237,9 @@ PILOT_TABLE = "pilots.md"  # campaign/pilots.md: the committed table of every pi
 PILOT_CHECKPOINTS_MIN = (15, 30, 45, 60)  # minutes of training at which the table compares the candidates
 
 
-def _pilot_validations(job: Job) -> list[dict]:
-    return [r for r in _log_rows(REPO_ROOT / job.out_dir) if r.get("type") == "val" and "train_time_s" in r]
+def _pilot_validations(rows: list[dict]) -> list[dict]:
+    """The validation records of a pilot's log.jsonl rows (each with the training time it came at)."""
+    return [r for r in rows if r.get("type") == "val" and "train_time_s" in r]
 
 
 def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
@@ -246,7 +247,7 @@ def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
     by step `common_step`] from the pilot's log.jsonl (its validations record the training time they came at); None
     before its first validation."""
     rows = _log_rows(REPO_ROOT / job.out_dir)
-    validations = _pilot_validations(job)
+    validations = _pilot_validations(rows)
     if not validations:
         return None
     trains = [r for r in rows if r.get("type") == "train"]
@@ -286,7 +287,7 @@ def pilot_table() -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         # the last step at which every finished candidate validated (all validate every --val-every steps, and a
         # candidate stopped by the time limit once more where it stopped)
-        validated = [{r["step"] for r in _pilot_validations(job)} for job in jobs
+        validated = [{r["step"] for r in _pilot_validations(_log_rows(REPO_ROOT / job.out_dir))} for job in jobs
                      if job_status(job)["state"] == "finished"]
         common_step = max(set.intersection(*validated), default=None) if validated else None
         for job in jobs:

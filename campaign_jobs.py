@@ -126,7 +126,7 @@ PILOTS = [
 # seed, so rows differ only by the experiment. Each training job ends with L_5000 on the first 1,000 test images
 # (the same images for every row: compare.py pairs them, paired.py reads the ablation from them); the three rows the
 # ladder compares on the whole test set (model02 and model03 bounded, model04) get the 10,000 by a re-score, which
-# on a CPU costs tens of hours for model04 (its 32x32 MoDL head; scripts/gpu_campaign.sh does it where a GPU is lent).
+# on a CPU costs tens of hours for model04 (its 32x32 MoDL head; scripts/gpu_campaign.sh does it on a machine with a GPU).
 # Widths: the rungs' defaults of 32 channels, the wider row 64 (the pilots above time both).
 _CIFAR_TEST = ["--n-test", "1000", "--eval-samples", "5000", "--eval-chunk", "128"]
 _M04_CIFAR = [*_CIFAR, *_CIFAR_TEST, "--width", "32"]

@@ -45,8 +45,6 @@ import argparse
 import ast
 import datetime
 import difflib
-import hashlib
-import io
 import json
 import math
 import os

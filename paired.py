@@ -111,7 +111,7 @@ def paired_block(results: list[dict], model: str, link_base: Path) -> str:
 
 # ----------------------------------------------------------------------------- model04's ablation
 
-# factor -> (what it is called, its value in a row's config, the order of its levels: the higher level is the fix)
+# factor -> its level in a row's config; levels compare with <, and the higher level is the fix
 ABLATION_FACTORS = {
     "stochastic layers": lambda c: c["latent_layers"],
     "p(x|z)": lambda c: (c.get("mixture_components", 10), c.get("rgb_coupling", True)),
