@@ -22,6 +22,7 @@ write prose outside them:
     <!-- bench:start --> ... <!-- bench:end -->                    the speed table, from results/bench_*.json
     <!-- bench-eval:start --> ... <!-- bench-eval:end -->          evaluation speed before/after, same files
     <!-- bench-code:start --> ... <!-- bench-code:end -->          a script's evaluation against the script at a commit
+    <!-- bench-chunks:start --> ... <!-- bench-chunks:end -->      a rung's evaluation at several latents per pass
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
     <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
     <!-- ablation:DATASET:start --> ... <!-- ablation:DATASET:end -->  what each fix buys inside model04 (paired.py)
@@ -52,8 +53,10 @@ import re
 import sys
 from pathlib import Path
 
-from paired import (PAIRED_COLUMNS, PairedError, ablation_block, md_cell as _md, paired_block, paired_cells,
-                    paired_comparisons, relative_link as _relative)
+from bench_tables import (BenchReportError, bench_block, chunk_bench_block, code_bench_block, eval_bench_block,
+                          load_benches)
+from paired import (PAIRED_COLUMNS, PairedError, ablation_block, commit_label, md_cell as _md, paired_block,
+                    paired_cells, paired_comparisons, relative_link as _relative)
 
 REPO_ROOT = Path(__file__).resolve().parent
 # Fields every result.json written by training.py carries (older files may lack the optional ones).
@@ -64,7 +67,7 @@ FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples"
 # figures some rungs draw besides those (model04: samples at a lower prior temperature, what each layer encodes);
 # a column appears in a rung's figure row when one of its rows has the file
 EXTRA_FIGURE_KINDS = (("samples-t0.7", "samples at temperature 0.7"), ("layers", "what each layer encodes"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench|paired|ablation|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench-chunks|bench|paired|ablation|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -172,14 +175,6 @@ def device_label(r: dict) -> str:
         label = f"CPU ({label})"
     world = r.get("world_size") or 1
     return f"{world} × {label}" if world > 1 else label
-
-
-def commit_label(r: dict) -> str:
-    commit = str(r["git_commit"])
-    if commit == "unknown":
-        return "unknown"
-    dirty = commit.endswith("-dirty")
-    return commit[:7] + (" (uncommitted changes)" if dirty else "")
 
 
 def ll_label(r: dict) -> str:
@@ -313,124 +308,6 @@ def _earlier_commands(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- speed (bench_*.json)
-
-
-def load_benches(results_dir: Path) -> list[dict]:
-    """Every results/bench_*.json written by bench.py, in file-name order."""
-    benches = []
-    for path in sorted(results_dir.glob("bench_*.json")) if results_dir.is_dir() else []:
-        try:
-            report = json.loads(path.read_text())
-            first = report["results"][0]  # the shape bench.py writes: training and/or evaluation (--phases)
-            if first["train"]:
-                first["train"]["ours"]["images_per_s"]
-            else:
-                first["eval"]["ours"]["samples_per_s"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise CompareError(f"{path} is not a report written by bench.py ({type(e).__name__}: {e}); "
-                               f"rerun `python bench.py` or move it out of {results_dir}.") from None
-        benches.append({**report, "_path": path})
-    return benches
-
-
-BENCH_HEADER = ("| device | model | threads | batch | training: ours / naive (images/s) | speed-up | "
-                "ours with --cpu-bf16 | evaluation: ours / naive (samples/s) | speed-up | "
-                "host syncs per step: ours / naive |")
-
-
-def _bench_note(report: dict, link: str) -> str:
-    return (f"- [{link}]({link}): `{report.get('command', '?')}` at commit {commit_label(report)}, "
-            f"batch {report['results'][0]['batch_size']}, k={report['results'][0]['importance_samples']}, "
-            f"load average {report.get('load_average_1min_at_start', '?')} -> "
-            f"{report.get('load_average_1min_at_end', '?')} (other processes on the machine)")
-
-
-def _bench_table(benches: list[dict], link_base: Path, header: str, row, note=_bench_note) -> str:
-    """A table with one row per report result that `row(result)` turns into cells (None: no row), the report's
-    device (linked to the report) first, and a note per report under it."""
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    notes = []
-    for report in benches:
-        link = _relative(report["_path"], link_base)
-        for r in report["results"]:
-            cells = row(r)
-            if cells is not None:
-                lines.append(f"| [{report['device']}]({link}) | " + " | ".join(_md(c) for c in cells) + " |")
-        notes.append(note(report, link))
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
-
-
-def _training_row(r: dict) -> list[str]:
-    train, ev = r["train"], r["eval"]
-    bf16 = (f"{train['ours_cpu_bf16']['images_per_s']:.0f} ({train['speedup_cpu_bf16']:.2f}x)"
-            if "ours_cpu_bf16" in train else "—")
-    syncs = " / ".join(str(train[v].get("host_syncs_per_step", {}).get("total", "?")) for v in ("ours", "naive"))
-    evaluation = ([f"{ev['ours']['samples_per_s']:.0f} / {ev['naive']['samples_per_s']:.0f}", f"**{ev['speedup']:.2f}x**"]
-                  if ev else ["—", "—"])  # bench.py --phases train
-    # the batch sets the step's cost: images/s at batch 20 and at 100 are different measurements
-    return [r["model"], str(r["threads"]), str(r["batch_size"]),
-            f"{train['ours']['images_per_s']:.0f} / {train['naive']['images_per_s']:.0f}",
-            f"**{train['speedup']:.2f}x**", bf16, *evaluation, syncs]
-
-
-def bench_block(benches: list[dict], link_base: Path) -> str:
-    benches = [b for b in benches if b["results"][0]["train"]]  # reports that measured training
-    if not benches:
-        return "_No benchmark yet: `python bench.py` writes results/bench_<device>.json._"
-    return _bench_table(benches, link_base, BENCH_HEADER, _training_row)
-
-
-EVAL_BENCH_HEADER = ("| device | model | threads | samples/s: previous CPU defaults -> ours | speed-up | naive per-sample "
-                     "loop | ours / naive | L_5000 on 10k test images at this rate |")
-
-
-def _evaluation_row(r: dict) -> list[str] | None:
-    ev = r["eval"]
-    if "previous_cpu_defaults" not in ev:
-        return None
-    return [r["model"], str(r["threads"]),
-            f"{ev['previous_cpu_defaults']['samples_per_s']:.0f} -> {ev['ours']['samples_per_s']:.0f}",
-            f"**{ev['speedup_vs_previous_cpu_defaults']:.2f}x**", f"{ev['naive']['samples_per_s']:.0f}",
-            f"{ev['speedup']:.2f}x", f"{ev['hours_for_test_l5000']:.1f} h"]
-
-
-def _eval_bench_note(report: dict, link: str) -> str:
-    ev = report["results"][0]["eval"]
-    return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
-
-
-def eval_bench_block(benches: list[dict], link_base: Path) -> str:
-    """The evaluation speed of every rung, before and after the CPU evaluation defaults changed (bench.py's
-    previous_cpu_defaults variant), from the reports that have it."""
-    benches = [b for b in benches if any("previous_cpu_defaults" in r["eval"] for r in b["results"])]
-    if not benches:
-        return "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._"
-    return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, _eval_bench_note)
-
-
-CODE_BENCH_HEADER = ("| device | model | threads | settings | samples/s: script at commit -> ours | speed-up | "
-                     "per-image values | L_5000 on 10k test images at this rate |")
-
-
-def _code_row(r: dict) -> list[str] | None:
-    ev = r["eval"]
-    if "baseline" not in ev:
-        return None
-    settings = ", ".join(f"`{k}={v}`" for k, v in r.get("config_overrides", {}).items()) or "defaults"
-    return [r["model"], str(r["threads"]), settings,
-            f"{ev['baseline']['samples_per_s']:.0f} ({ev['baseline']['commit']}) -> {ev['ours']['samples_per_s']:.0f}",
-            f"**{ev['speedup_vs_baseline']:.2f}x**",
-            "the same, bit for bit" if ev["baseline"]["same_per_image_values"] else "different",
-            f"{ev['hours_for_test_l5000']:.1f} h"]
-
-
-def code_bench_block(benches: list[dict], link_base: Path) -> str:
-    """A rung's evaluation speed against its own script at an earlier commit (bench.py --baseline-commit), from the
-    reports that have it."""
-    benches = [b for b in benches if any("baseline" in r["eval"] for r in b["results"])]
-    if not benches:
-        return "_No such benchmark yet: `python bench.py --phases eval --baseline-commit REV ...`._"
-    return _bench_table(benches, link_base, CODE_BENCH_HEADER, _code_row, _eval_bench_note)
 
 
 def _date(r: dict) -> datetime.datetime:
@@ -697,6 +574,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = eval_bench_block(benches, link_base)
             elif kind == "bench-code":
                 block = code_bench_block(benches, link_base)
+            elif kind == "bench-chunks":
+                block = chunk_bench_block(benches, link_base)
             elif model is None:
                 raise CompareError(f"README {where(open_marker)}: a {kind} block needs a model, e.g. "
                                    f"<!-- {kind}:model01:start -->.")
@@ -850,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, path)
                 print(f"updated the generated blocks of {path} from {len(results)} results.")
         return status
-    except (CompareError, PairedError) as e:
+    except (CompareError, PairedError, BenchReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

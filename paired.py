@@ -29,6 +29,14 @@ def relative_link(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
+def commit_label(r: dict) -> str:
+    commit = str(r["git_commit"])
+    if commit == "unknown":
+        return "unknown"
+    dirty = commit.endswith("-dirty")
+    return commit[:7] + (" (uncommitted changes)" if dirty else "")
+
+
 def load_per_image(r: dict):
     """The row's per-image test log-likelihoods (numpy float64, test-set order), or None when it has none."""
     rel = r.get("test_ll_per_image")

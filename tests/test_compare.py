@@ -274,6 +274,34 @@ def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, ca
     assert _compare(capsys, "--check", *paths)[0] == 1  # the table no longer says what the report says
 
 
+def test_chunk_bench_block_shows_each_pass_size_and_the_fastest(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    evaluation = {"ours": {"samples_per_s": 300.0, "chunk_latents": 32}, "naive": {"samples_per_s": 100.0},
+                  "chunk_64": {"samples_per_s": 360.0, "chunk_latents": 64},
+                  "chunk_128": {"samples_per_s": 250.0, "chunk_latents": 128}, "chunk_latents": 32, "speedup": 3.0,
+                  "speedup_chunk_64": 1.2, "speedup_chunk_128": 250 / 300, "hours_for_test_l5000": 46.296,
+                  "eval_samples": 2000, "eval_images": 1}
+    report = {"command": "python bench.py --phases eval --eval-chunks 64 128", "git_commit": "c" * 40,
+              "device": "CPU (test)", "results": [{"model": "model04", "dataset": "cifar10-jpeg", "threads": 1,
+                                                   "batch_size": 100, "importance_samples": 5,
+                                                   "config_overrides": {"width": 32}, "train": {},
+                                                   "eval": evaluation}]}
+    (results / "bench_cpu_eval_model04_cifar.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-chunks:start -->\ny\n<!-- bench-chunks:end -->\n")
+    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    text = readme.read_text()
+    assert ("| [CPU (test)](results/bench_cpu_eval_model04_cifar.json) | model04 | cifar10-jpeg | 1 | `width=32` | "
+            "32 (default): 300, 64: 360, 128: 250 | **64** (1.20x the default) | 46.3 h |") in text, text
+    evaluation["chunk_64"]["samples_per_s"] = 280.0  # now the default is the fastest
+    (results / "bench_cpu_eval_model04_cifar.json").write_text(json.dumps(report))
+    assert _compare(capsys, "--check", *paths)[0] == 1
+    assert _compare(capsys, "--update-readme", *paths)[0] == 0
+    assert "| **32** (1.00x the default) |" in readme.read_text()
+
+
 def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
     row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
