@@ -415,6 +415,8 @@ def median(values: list[float]) -> float:
 
 def bench_model(name: str, spec: BenchModel, args, device, memory: PeakMemory, data_cache: dict) -> dict:
     """One model at the current thread setting: training, evaluation, memory and syncs of ours and naive."""
+    if args.dataset:  # --dataset: every rung on that data set instead of its registry entry's
+        spec = replace(spec, dataset=args.dataset)
     if spec.dataset not in data_cache:
         data_cache[spec.dataset] = data_lib.load_data(spec.dataset, args.data_dir, device)
     data = data_cache[spec.dataset]
@@ -510,8 +512,10 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
     chunk = evaluation.eval_chunk_size(rung, cfg, device)
     eval_model = model_ours
     variants = {"ours": (eval_model, chunk), "naive": (eval_model, None)}
-    if device.type == "cpu":  # as runtime.prepare_model built it on CPU before: no NHWC conversion of its own
-        previous = rung.build_model(cfg, data.info).to(device)
+    for other in args.eval_chunks:  # the same weights and code at other pass sizes (each draws its own latents)
+        variants[f"chunk_{other}"] = (eval_model, other)
+    if device.type == "cpu" and not args.eval_chunks:  # as runtime.prepare_model built it on CPU before: no NHWC
+        previous = rung.build_model(cfg, data.info).to(device)  # conversion of its own
         previous.load_state_dict(copy.deepcopy(eval_model.state_dict()))
         variants["previous_cpu_defaults"] = (previous, PREVIOUS_CPU_EVAL_CHUNK)
     if args.baseline_commit:  # the same weights in the model class of the script at that commit
@@ -556,6 +560,8 @@ def bench_evaluation(spec, args, data, device, memory, rung, cfg, model_ours, re
                            "hours_for_test_l5000": 5000 * 10_000 / ours / 3600})
     if "previous_cpu_defaults" in variants:
         result["eval"]["speedup_vs_previous_cpu_defaults"] = ours / result["eval"]["previous_cpu_defaults"]["samples_per_s"]
+    for other in args.eval_chunks:  # each pass size against ours (the rung's --eval-chunk for this device)
+        result["eval"][f"speedup_chunk_{other}"] = result["eval"][f"chunk_{other}"]["samples_per_s"] / ours
     if "baseline" in variants:
         result["eval"]["baseline"]["commit"] = args.baseline_commit
         result["eval"]["speedup_vs_baseline"] = ours / result["eval"]["baseline"]["samples_per_s"]
@@ -604,6 +610,8 @@ def print_table(report: dict):
                     f"{ev['eval_images']} images: {ev['ours']['ll_nats']:.2f} vs {ev['naive']['ll_nats']:.2f} nats)")
             if "speedup_vs_previous_cpu_defaults" in ev:
                 line += f", {ev['speedup_vs_previous_cpu_defaults']:.2f}x the previous CPU defaults"
+            for key in sorted(k for k in ev if k.startswith("speedup_chunk_")):
+                line += f", {ev[key]:.2f}x as fast with {key.rsplit('_', 1)[1]} latents per pass"
             if "speedup_vs_baseline" in ev:
                 same = "same" if ev["baseline"]["same_per_image_values"] else "DIFFERENT"
                 line += (f", {ev['speedup_vs_baseline']:.2f}x the script at {ev['baseline']['commit']} "
@@ -640,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="random seed")
     a("--set", nargs="+", default=[], metavar="KEY=VALUE",
       help="config fields of every measured rung, e.g. --set width=32 (unknown keys fail)")
+    a("--dataset", default=None,
+      help="data set of every measured rung, e.g. cifar10-jpeg (default: each rung's registry entry: MNIST variants)")
+    a("--eval-chunks", type=int, nargs="+", default=[], metavar="N",
+      help="eval phase: also time our evaluation at these latents per pass (variants chunk_N), e.g. --eval-chunks "
+           "32 64, to pick --eval-chunk for a data set; replaces the previous-CPU-defaults variant")
     a("--baseline-commit", default=None, metavar="REV",
       help="eval phase: also time the rung's script as it was at git commit REV, with the same weights and passes")
     a("--out", default=None, help="JSON report path (default results/bench_<device>.json, e.g. bench_cpu.json)")
@@ -655,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise runtime.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        if args.eval_chunks and min(args.eval_chunks) < 1:
+            raise runtime.UserError(f"--eval-chunks must all be >= 1, got {args.eval_chunks}")
         args.settings = parse_settings(args.set)  # {config field: value}, for every measured rung
         if args.threads is not None and min(args.threads) < 1:
             raise runtime.UserError(f"--threads must be >= 1, got {args.threads}")

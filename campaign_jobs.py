@@ -46,9 +46,10 @@ class Job:
         return cmd
 
 
-def rescore(checkpoint: str, per_image: bool = False) -> Job:
+def rescore(checkpoint: str, per_image: bool = False, eval_chunk: int = 128) -> Job:
     """L_5000 of a published checkpoint on the full test set; `per_image`: again, for a row published at S=5000 before
-    evaluations kept each test image's value (its own out-dir: the first re-score's result.json stays as it is)."""
+    evaluations kept each test image's value (its own out-dir: the first re-score's result.json stays as it is).
+    `eval_chunk` 0: the rung's CPU default for the checkpoint's data and p(x|z)."""
     script = checkpoint.split("_", 1)[0] + ".py"
     why = (f"per-image test L_5000 of the published {checkpoint} (published at S=5000 without them), for paired "
            f"comparisons on the same test images" if per_image else
@@ -57,7 +58,7 @@ def rescore(checkpoint: str, per_image: bool = False) -> Job:
                # --eval-chunk explicit: the published model04 checkpoints carry 2048 in their config; --n-test 0: all
                # test images, whatever the training run scored
                ["--eval-only", "--checkpoint", f"checkpoints/{checkpoint}.pt", "--eval-samples", "5000",
-                "--eval-chunk", "128", "--n-test", "0"],
+                "--eval-chunk", str(eval_chunk), "--n-test", "0"],
                why, published_result=f"results/{checkpoint}.json", needs_per_image=per_image)
 
 
@@ -127,8 +128,9 @@ PILOTS = [
 # (the same images for every row: compare.py pairs them, paired.py reads the ablation from them); the three rows the
 # ladder compares on the whole test set (model02 and model03 bounded, model04) get the 10,000 by a re-score, which
 # on a CPU costs tens of hours for model04 (its 32x32 MoDL head; scripts/gpu_campaign.sh does it on a machine with a GPU).
-# Widths: the rungs' defaults of 32 channels, the wider row 64 (the pilots above time both).
-_CIFAR_TEST = ["--n-test", "1000", "--eval-samples", "5000", "--eval-chunk", "128"]
+# Widths: the rungs' defaults of 32 channels, the wider row 64 (the pilots above time both). Latents per evaluation
+# pass: each rung's CPU default (--eval-chunk 0; model04's depends on its p(x|z), see model04.cpu_eval_chunk).
+_CIFAR_TEST = ["--n-test", "1000", "--eval-samples", "5000"]
 _M04_CIFAR = [*_CIFAR, *_CIFAR_TEST, "--width", "32"]
 _ONE_LAYER = ["--latent-layers", "1", "--top-down-layers", "6"]  # the same network with one stochastic layer
 _NO_COUPLING, _LOGISTIC = ["--no-rgb-coupling"], ["--mixture-components", "1", "--no-rgb-coupling"]
@@ -156,8 +158,8 @@ COLOUR_JOBS = [
     Job("model03_cifar10-jpeg_iwae_k1_unbounded_seed0", "model03.py", [*_CIFAR, *_CIFAR_TEST, "--no-variance-bound"],
         "rung 3 without the bounded scale"),
     # the ladder's three rows on all 10,000 test images (their training jobs scored the first 1,000)
-    *[rescore(name) for name in ("model02_cifar10-jpeg_iwae_k1_seed0", "model03_cifar10-jpeg_iwae_k1_seed0",
-                                 "model04_cifar10-jpeg_vae_k1_L6_w32_seed0")],
+    rescore("model02_cifar10-jpeg_iwae_k1_seed0"), rescore("model03_cifar10-jpeg_iwae_k1_seed0"),
+    rescore("model04_cifar10-jpeg_vae_k1_L6_w32_seed0", eval_chunk=0),
 ]
 
 # In order: a free lane takes the first job that is neither finished nor running.

@@ -61,7 +61,9 @@ def eval_chunk_size(rung, cfg, device) -> int:
     faster than 2^14 there, results/bench_cpu_eval.json)."""
     if cfg.eval_chunk > 0:
         return cfg.eval_chunk
-    return rung.cuda_eval_chunk if device.type == "cuda" else rung.cpu_eval_chunk
+    if device.type == "cuda":
+        return rung.cuda_eval_chunk
+    return rung.cpu_eval_chunk(cfg) if callable(rung.cpu_eval_chunk) else rung.cpu_eval_chunk
 
 
 def _device_rng_state(device: torch.device) -> torch.Tensor:

@@ -28,6 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -165,9 +166,10 @@ class Rung:
     # data's mean), run once on the fresh model before the EMA copy; a resumed run then loads its own weights
     init_from_data: callable = None
     # latents per evaluation pass when --eval-chunk is 0: on CUDA as many as memory allows, on CPU passes small
-    # enough for the caches (bench.py --phases eval measures both defaults)
+    # enough for the caches (bench.py --phases eval measures both defaults); on CPU also (cfg) -> int, for a rung
+    # whose best pass size depends on the data (model04: binary images or the colour mixture's many parameters)
     cuda_eval_chunk: int = 1 << 18
-    cpu_eval_chunk: int = 1024
+    cpu_eval_chunk: int | Callable[[Any], int] = 1024
 
 
 def main(rung: Rung, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

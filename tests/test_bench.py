@@ -8,6 +8,8 @@ which works on CPU too), while the counter does catch such reads.
 import dataclasses
 import importlib
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -228,3 +230,34 @@ def test_baseline_commit_times_the_script_at_that_commit_on_the_same_weights(tmp
         bad_out = tmp_path / "bad.json"
         proc = run_script("bench.py", *flags[:-2], "--out", bad_out, *bad, env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 2 and "error:" in proc.stderr and not bad_out.exists(), (bad, proc.stderr[-500:])
+
+
+def test_dataset_and_eval_chunks_time_model04_on_colour_images_at_other_pass_sizes(tmp_path, data_dir):
+    """--dataset puts every rung on another data set (here real CIFAR10-JPEG files through the folder route), and
+    --eval-chunks adds our evaluation at other pass sizes as variants, each against ours at the rung's CPU default
+    (model04's for the colour mixture: 32 latents per pass)."""
+    source = data_dir / "CIFAR10-JPEG"
+    if not (source / "train").is_dir():
+        pytest.skip(f"needs {source} (CIFAR-10 as JPEG in ImageFolder layout; CI has it in ../shared/data)")
+    root = tmp_path / "colour"
+    for split, n in (("train", 20), ("test", 2)):
+        (root / split / "any").mkdir(parents=True)
+        for name in sorted(os.listdir(source / split / "cat"))[:n]:
+            shutil.copy(source / split / "cat" / name, root / split / "any" / name)
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cpu", "--threads", "1", "--phases", "eval", "--models", "model04", "--dataset",
+             f"folder:{root}", "--set", "width=8", "latent_channels=2", "--eval-samples", "20", "--eval-images", "1",
+             "--eval-repeats", "1", "--data-dir", data_dir, "--out", out]
+    proc = run_script("bench.py", *flags, "--eval-chunks", "8", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert result["dataset"] == f"folder:{root}"
+    ev = result["eval"]
+    assert ev["ours"]["chunk_latents"] == ev["chunk_latents"] == 32
+    assert ev["chunk_8"]["chunk_latents"] == 8 and "previous_cpu_defaults" not in ev
+    assert ev["speedup_chunk_8"] == pytest.approx(ev["chunk_8"]["samples_per_s"] / ev["ours"]["samples_per_s"])
+    # the same weights, image and S: the two estimates of L_20 differ only by their latents' noise (bits/dim ~8)
+    assert abs(ev["chunk_8"]["ll_nats"] - ev["ours"]["ll_nats"]) < 0.05 * abs(ev["ours"]["ll_nats"])
+    assert "as fast with 8 latents per pass" in proc.stdout
+    proc = run_script("bench.py", *flags, "--eval-chunks", "0", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "--eval-chunks" in proc.stderr

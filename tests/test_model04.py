@@ -357,3 +357,17 @@ def test_skip_threshold_default_depends_on_the_data():
     assert model04.Config(dataset="cifar10-jpeg", skip_threshold=5e6).skip_threshold == 5e6
     args = model04.build_parser().parse_args(["--dataset", "cifar10-jpeg"])
     assert model04.Config.from_dict(vars(args)).skip_threshold == 1e9
+
+
+def test_cpu_evaluation_pass_size_depends_on_the_likelihood():
+    """On a CPU, --eval-chunk 0 gives 128 latents per pass for the Bernoulli p(x|z), 64 for one logistic per channel
+    and 32 for the mixture (whose parameters per pass then stay in the caches); CUDA keeps its own size, and an
+    explicit --eval-chunk wins."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    chunk = lambda cfg, device=cpu: evaluation.eval_chunk_size(model04.RUNG, cfg, device)
+    assert chunk(model04.Config(dataset="binarized-mnist")) == 128
+    assert chunk(model04.Config(dataset="cifar10-jpeg")) == chunk(model04.Config(dataset="fashion-mnist")) == 32
+    assert chunk(model04.Config(dataset="cifar10-jpeg", mixture_components=1, rgb_coupling=False)) == 64
+    assert chunk(model04.Config(dataset="cifar10-jpeg", rgb_coupling=False)) == 32
+    assert chunk(model04.Config(dataset="cifar10-jpeg"), cuda) == model04.RUNG.cuda_eval_chunk
+    assert chunk(model04.Config(dataset="cifar10-jpeg", eval_chunk=128)) == 128
