@@ -26,6 +26,7 @@ write prose outside them:
     <!-- paired:MODEL:start --> ... <!-- paired:MODEL:end -->      one rung's rows compared image by image
     <!-- paired:DATASET:start --> ... <!-- paired:DATASET:end -->  every rung's rows on one data set, the same way
     <!-- ablation:DATASET:start --> ... <!-- ablation:DATASET:end -->  what each fix buys inside model04 (paired.py)
+    <!-- ladder:DATASET:start --> ... <!-- ladder:DATASET:end -->  each step up the ladder in bits/dim (paired.py)
     <!-- sentence:NAME:start --> ... <!-- sentence:NAME:end -->    a sentence with numbers, written by SENTENCES[NAME]
 The markdown files of docs/ beside README may hold the same blocks (docs/speed.md holds the speed tables): they are
 updated and checked with README, their links relative to their own folder.
@@ -55,8 +56,8 @@ from pathlib import Path
 
 from bench_tables import (BenchReportError, bench_block, chunk_bench_block, code_bench_block, eval_bench_block,
                           load_benches)
-from paired import (PAIRED_COLUMNS, PairedError, ablation_block, commit_label, md_cell as _md, paired_block,
-                    paired_cells, paired_comparisons, relative_link as _relative)
+from paired import (LADDER_ROWS, PAIRED_COLUMNS, PairedError, ablation_block, commit_label, ladder_block,
+                    md_cell as _md, paired_block, paired_cells, paired_comparisons, relative_link as _relative)
 
 REPO_ROOT = Path(__file__).resolve().parent
 # Fields every result.json written by training.py carries (older files may lack the optional ones).
@@ -67,7 +68,8 @@ FIGURE_KINDS = (("imgs", "test images"), ("recs", "reconstructions"), ("samples"
 # figures some rungs draw besides those (model04: samples at a lower prior temperature, what each layer encodes);
 # a column appears in a rung's figure row when one of its rows has the file
 EXTRA_FIGURE_KINDS = (("samples-t0.7", "samples at temperature 0.7"), ("layers", "what each layer encodes"))
-MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench-chunks|bench|paired|ablation|sentence|layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
+MARKER = re.compile(r"<!-- (results|figures|bench-eval|bench-code|bench-chunks|bench|paired|ablation|ladder|sentence|"
+                    r"layers|commands)(?::([A-Za-z0-9_.-]+))?:(start|end) -->")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)[^)]*\)|<img\s[^>]*src=\"([^\"]+)\"")
 MAX_DIFF_LINES = 60
 
@@ -552,10 +554,14 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
             if kind == "sentence" and model not in SENTENCES:
                 raise CompareError(f"README {where(m)}: {m.group(0)} names no sentence compare.py writes; known: "
                                    f"{', '.join(sorted(SENTENCES))}.")
+            if kind == "ladder" and model not in LADDER_ROWS:
+                raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, which has no ladder in "
+                                   f"paired.LADDER_ROWS ({', '.join(LADDER_ROWS)}); fix the marker.")
             if kind == "ablation" and model not in dataset_names():
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, which is not a data set of "
                                    f"data.py ({', '.join(dataset_names())}); fix the marker.")
-            if (model is not None and kind not in ("sentence", "ablation") and not (REPO_ROOT / f"{model}.py").is_file()
+            if (model is not None and kind not in ("sentence", "ablation", "ladder")
+                    and not (REPO_ROOT / f"{model}.py").is_file()
                     and not (kind == "paired" and model in datasets)):  # (a paired block may name a data set)
                 raise CompareError(f"README {where(m)}: {m.group(0)} names {model}, but there is no {model}.py "
                                    f"in {REPO_ROOT}" + (" and no published row on a data set of that name"
@@ -583,6 +589,8 @@ def render_readme(text: str, results: list[dict], assets_dir: Path, link_base: P
                 block = paired_block(results, model, link_base)
             elif kind == "ablation":
                 block = ablation_block(results, model, link_base)
+            elif kind == "ladder":
+                block = ladder_block(results, model, link_base)
             elif kind == "sentence":
                 block = SENTENCES[model](results)
             elif kind == "layers":

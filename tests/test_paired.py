@@ -99,3 +99,34 @@ def test_ablation_marker_must_name_a_data_set(results, tmp_path, capsys):
     readme.write_text("<!-- ablation:cifar10-jpeg:start -->\n<!-- ablation:cifar10-jpeg:end -->\n")
     assert compare.main(["--update-readme", *paths]) == 0
     assert "fills in as its rows are scored" in readme.read_text()
+
+
+def test_ladder_gives_each_step_in_bits_per_dim_over_the_images_both_scored(results, tmp_path, capsys):
+    """model02 -> model03 -> model04 on cifar10-jpeg: a full-test-set row against a first-N row pairs over the N,
+    the change is the higher rung's bits/dim minus the lower's on those images, and the verdict needs 2 paired SE."""
+    m02, m03, m04 = paired.LADDER_ROWS["cifar10-jpeg"]
+    rng = np.random.default_rng(1)
+    hardness = rng.normal(-6000, 300, size=20)
+    _publish(results, m02, hardness + rng.normal(0, 1, 20), model="model02")
+    _publish(results, m03, hardness + 50 + rng.normal(0, 1, 20), model="model03")  # 50 nats better per image
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- ladder:cifar10-jpeg:start -->\n<!-- ladder:cifar10-jpeg:end -->\n")
+    paths = ["--readme", str(readme), "--results-dir", str(results), "--assets-dir", str(tmp_path / "assets")]
+    assert compare.main(["--update-readme", *paths]) == 0
+    text = readme.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| model0")]
+    assert len(rows) == 1 and rows[0].startswith("| model02 -> model03 |")  # model04 not published: no second step
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    v02, v03 = (np.load(results / "per_image" / f"{n}.npy") for n in (m02, m03))
+    assert float(cells[2]) == pytest.approx(-v02.mean() / (DIMS * LOG2), abs=1e-4)
+    assert float(cells[5]) == pytest.approx(-(v03 - v02).mean() / (DIMS * LOG2), abs=1e-4)
+    assert float(cells[6]) == pytest.approx((v03 - v02).std(ddof=1) / math.sqrt(20) / (DIMS * LOG2), abs=1e-4)
+    assert cells[7] == "20, 5,000" and cells[8] == "lower (by more than 2 paired SE)"
+    # model04 scored on the first 5 images only, no better than model03 there: a step over those 5, nothing measurable
+    _publish(results, m04, v03[:5] + rng.normal(0, 1, 5))
+    assert compare.main(["--update-readme", *paths]) == 0
+    step = [line for line in readme.read_text().splitlines() if line.startswith("| model03 -> model04 |")]
+    assert len(step) == 1 and "| first 5, 5,000 |" in step[0] and step[0].endswith("| no measurable difference |")
+    readme.write_text("<!-- ladder:mnist:start -->\n<!-- ladder:mnist:end -->\n")
+    assert compare.main(["--update-readme", *paths]) == 2
+    assert "no ladder in paired.LADDER_ROWS" in capsys.readouterr().err
