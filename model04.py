@@ -46,7 +46,8 @@ collapsed layer shows.
     python model04.py --dataset cifar10-jpeg --no-rgb-coupling --mixture-components 1   # the ablations of p(x|z)
     python model04.py --dataset cifar10-jpeg --latent-layers 1 --top-down-layers 6     # ... and of the hierarchy
 
-Figures: test images, reconstructions, prior samples at temperature 1 and --sample-temperature, and
+Figures: test images, reconstructions (means of p(x|z)), prior samples at temperature 1 and --sample-temperature
+(real draws x ~ p(x|z) on 8-bit images, Bernoulli means on binary ones), and
 `layers`: what each stochastic layer encodes (a row per layer, top first: that layer resampled from its
 prior, the layers above fixed to one draw, the layers below at their prior means).
 """
@@ -365,9 +366,14 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0):
-        """Means of p(x|z) at z ~ p(z) (every layer at `temperature` times its prior scale)."""
+        """Prior samples, every layer at `temperature` times its prior scale: for 8-bit images real draws
+        x ~ p(x|z) on the 8-bit grid, as model02/03 show theirs (the mixture's mean would hide its pixel noise and
+        what the RGB coupling does to it); for binary images the Bernoulli means, as model01 shows them."""
         h, _ = self.top_down(1, n, None, temperature)
-        return self._pixel_mean(self.pixel_distribution(h, 1))
+        px = self.pixel_distribution(h, 1)
+        if self.likelihood_name == "bernoulli":
+            return self._pixel_mean(px)
+        return px.sample()[0]  # batch [1, n] -> [n, C, H, W]
 
     @torch.no_grad()
     def layer_samples(self, columns: int = 8) -> torch.Tensor:

@@ -209,6 +209,17 @@ def test_mixture_likelihood_is_a_pmf_on_rgb_images():
         samples = model.sample(4)
     assert (out["log_px_z"] <= 0).all() and torch.isfinite(out["log_px_z"]).all()
     assert tuple(samples.shape) == (4, 3, 32, 32) and samples.min() >= 0 and samples.max() <= 1
+    # real draws on the 8-bit grid (k/255), not the mixture's means; binary images show the Bernoulli means
+    assert torch.equal(samples * 255, (samples * 255).round())
+    torch.manual_seed(0)
+    h, _ = model.top_down(1, 4, None)
+    means = model.pixel_distribution(h, 1).mean[0]
+    torch.manual_seed(0)
+    assert not torch.equal(model.sample(4), means.clamp(0, 1))
+    binary = tiny_model("binarized-mnist", seed=9, shape=SMALL)
+    torch.manual_seed(1)
+    probabilities = binary.sample(4)
+    assert not torch.equal(probabilities, probabilities.round())  # means in (0, 1), not 0/1 draws
 
 
 def test_latent_statistics_count_active_units():
