@@ -265,9 +265,48 @@ def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
             f"{speeds[len(speeds) // 2]:.0f}" if speeds else "—", *cells]
 
 
-def pilot_table() -> str:
+def draw_pilot_curves(group: str, jobs: list[Job]) -> str | None:
+    """campaign/pilots_<group>.png: every candidate's validation bound against minutes of training (the pilots'
+    budget, the table's columns) and against steps (the common-step column); the file name, or None before any
+    candidate of the group validated. Drawn with `pilots --write`."""
+    curves = {job.name.split("_", 2)[2]: vals for job in jobs
+              for vals in [_pilot_validations(_log_rows(REPO_ROOT / job.out_dir))] if vals}
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from regenerate_figures import save_figure  # (matplotlib only for --write)
+
+    plt.rcParams.update({"font.size": 8})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100, sharey=True)
+    for name, vals in curves.items():
+        bounds = [v["val_bound_nats"] for v in vals]
+        axes[0].plot([v["train_time_s"] / 60 for v in vals], bounds, marker=".", linewidth=1, label=name)
+        axes[1].plot([v["step"] for v in vals], bounds, marker=".", linewidth=1, label=name)
+    # the first validations lie far below the rest: the view spans the candidates' last bounds and the best one
+    last = min(vals[-1]["val_bound_nats"] for vals in curves.values())
+    best = max(v["val_bound_nats"] for vals in curves.values() for v in vals)
+    span = max(best - last, 1.0)
+    axes[0].set_ylim(last - 0.75 * span, best + 0.1 * span)
+    axes[0].axvline(PILOT_MINUTES, color="grey", linewidth=0.6, linestyle="--")
+    axes[0].set_xlabel("minutes of training (one CPU thread; validations included)")
+    axes[1].set_xlabel("step")
+    axes[0].set_ylabel("validation bound (nats, higher is better)")
+    for ax in axes:
+        ax.grid(True, linewidth=0.3)
+    axes[1].legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"pilots {group}: validation bound, from each candidate's log.jsonl")
+    fig.tight_layout()
+    name = f"pilots_{group}.png"
+    save_figure(fig, REPO_ROOT / CAMPAIGN_DIR / name, f"{len(curves)} candidates")
+    return name
+
+
+def pilot_table(draw: bool = False) -> str:
     """Markdown: per group, every candidate's best validation bound (nats, higher is better) after 15..60 minutes of
-    training on one core, with the command line that differs."""
+    training on one core, with the command line that differs; `draw`: also each group's curves (draw_pilot_curves),
+    shown under its table."""
     groups: dict[str, list[Job]] = {}
     for job in PILOTS:
         groups.setdefault(job.name.split("_")[1], []).append(job)
@@ -298,7 +337,9 @@ def pilot_table() -> str:
                           for job in jobs)
         common = (f"The common step: {common_step:,}." if common_step
                   else "No candidate of this group has finished yet: no common step.")
-        parts.append(f"## {group}\n\n" + "\n".join(lines) + "\n\n" + common + "\n\n" + whys)
+        figure = draw_pilot_curves(group, jobs) if draw else None
+        figure = f"\n\n![validation bound of the {group} pilots against minutes and steps]({figure})" if figure else ""
+        parts.append(f"## {group}\n\n" + "\n".join(lines) + "\n\n" + common + figure + "\n\n" + whys)
     return "\n\n".join(parts) + "\n"
 
 
@@ -471,7 +512,9 @@ def main(argv=None) -> int:
     run.add_argument("--note", default="", help="a note for this run's records in history.jsonl (the record names the machine itself)")
     sub.add_parser("history", help="print every segment record of campaign/history.jsonl")
     pilots = sub.add_parser("pilots", help="the pilots' best validation bounds at equal training time (markdown)")
-    pilots.add_argument("--write", action="store_true", help=f"write it to {CAMPAIGN_DIR}/{PILOT_TABLE} instead of printing")
+    pilots.add_argument("--write", action="store_true",
+                        help=f"write it to {CAMPAIGN_DIR}/{PILOT_TABLE} instead of printing, with each group's curves "
+                             f"({CAMPAIGN_DIR}/pilots_<group>.png)")
     curves = sub.add_parser("curves", help="every training job's best validation bound by epoch, side by side")
     curves.add_argument("--every", type=float, default=100, help="epochs between rows (default 100)")
     command = sub.add_parser("command", help="print one job's command line")
@@ -486,7 +529,7 @@ def main(argv=None) -> int:
         print_history()
         return 0
     if args.action == "pilots":
-        table = pilot_table()
+        table = pilot_table(draw=args.write)
         if args.write:
             (REPO_ROOT / CAMPAIGN_DIR / PILOT_TABLE).write_text(table)
             print(f"wrote {CAMPAIGN_DIR}/{PILOT_TABLE}")

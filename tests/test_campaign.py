@@ -393,6 +393,10 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     assert f"| tiny | 40 | " in table and f"{best:.2f}" in table  # within 15 minutes of training: every column
     row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
     assert row.endswith(f"| {best:.2f} |") and "The common step: 40." in table  # by its last validation, step 40
+    assert "pilots_g.png" not in table and not (tmp_path / "pilots_g.png").exists()  # printing draws nothing
+    drawn = campaign.pilot_table(draw=True)  # `pilots --write`: the group's curves, shown under its table
+    assert "![validation bound of the g pilots against minutes and steps](pilots_g.png)" in drawn
+    assert (tmp_path / "pilots_g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_rescore_waits_for_the_checkpoint_its_training_job_publishes(monkeypatch, tmp_path):
