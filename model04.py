@@ -117,7 +117,7 @@ class Config(config.TrainConfig):
     skip_threshold: float | None = None
     ema_decay: float = 0.9995  # averages the last ~2000 steps
     val_every: int = 1150  # every 5 epochs (230 steps each): a 100-sample validation is < 10% of that time
-    eval_chunk: int = 0  # latents per evaluation pass; 0: 2^14 on CUDA (3 images x 5000 samples), 128 on CPU
+    eval_chunk: int = 0  # latents per evaluation pass; 0: 2^14 on CUDA (3 images x 5000 samples), on CPU cpu_eval_chunk
 
     def __post_init__(self):
         def check(ok, message):
