@@ -54,7 +54,8 @@ from torch.distributions import Independent
 import config
 import runtime
 import training
-from distributions import diagonal_gaussian, gaussian_likelihood, standard_normal
+from discretized import gaussian_likelihood
+from distributions import diagonal_gaussian, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
 
 EIGHT_BIT_DATASETS = ["cifar10", "svhn", "cifar10-jpeg", "fashion-mnist", "mnist"]

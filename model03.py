@@ -38,7 +38,8 @@ from torch import nn
 import config
 import runtime
 import training
-from distributions import diagonal_gaussian, discretized_logistic_likelihood, standard_normal
+from discretized import discretized_logistic_likelihood
+from distributions import diagonal_gaussian, standard_normal
 from layers import ConvDecoder, ConvEncoder, GaussianHead, merge_samples, unmerge_samples
 
 EIGHT_BIT_DATASETS = ["cifar10", "svhn", "cifar10-jpeg", "fashion-mnist", "mnist"]

@@ -63,8 +63,8 @@ import data as data_lib
 import evaluation
 import runtime
 import training
-from distributions import (bernoulli_likelihood, diagonal_gaussian, kl_independent_normals,
-                           mixture_from_decoder_output, num_mixture_params)
+from distributions import bernoulli_likelihood, diagonal_gaussian, kl_independent_normals
+from mixture import mixture_from_decoder_output, num_mixture_params
 from layers import ResidualBlock, downsample, merge_samples, soft_clamp, unmerge_samples, upsample_to
 
 LIKELIHOODS = ["bernoulli", "logistic-mixture"]

@@ -1,4 +1,4 @@
-"""Exact tests of the 8-bit likelihoods in distributions.py (issue 3).
+"""Exact tests of the 8-bit likelihoods: discretized.py (model02, model03) and mixture.py (model04).
 
 References are computed independently: bin masses from scipy.stats CDF/survival differences in
 float64, the RGB mixture's joint from a NumPy re-implementation of the PixelCNN++ formulation, and
@@ -12,8 +12,9 @@ import torch
 from scipy import stats
 from torch.distributions import Independent
 
-import distributions as D
-
+import discretized as D
+import mixture as M
+from distributions import bits_per_dim, log_mean_exp
 
 
 @pytest.fixture(autouse=True)
@@ -64,14 +65,14 @@ def total_variation(counts: np.ndarray, pmf: np.ndarray) -> float:
 
 def grey_mixture(logits, loc, log_scale, **kwargs):
     """1-channel mixture with one pixel per batch element: args [L, K] -> batch [L], event [1, 1, 1]."""
-    return D.MixtureOfDiscretizedLogistics(logits[..., None, None], loc[..., None, None, None],
+    return M.MixtureOfDiscretizedLogistics(logits[..., None, None], loc[..., None, None, None],
                                            log_scale[..., None, None, None], **kwargs)
 
 
 def one_pixel_rgb_mixture(logits, loc, log_scale, raw_coupling, **kwargs):
     """RGB mixture with one pixel per batch element: logits [L, K], the others [L, K, 3] ->
     batch [L], event [3, 1, 1]."""
-    return D.MixtureOfDiscretizedLogistics(logits[..., None, None], loc[..., None, None],
+    return M.MixtureOfDiscretizedLogistics(logits[..., None, None], loc[..., None, None],
                                            log_scale[..., None, None], raw_coupling[..., None, None], **kwargs)
 
 
@@ -221,13 +222,13 @@ def test_rgb_mixture_log_prob_matches_numpy_reference():
 def test_image_log_prob_is_sum_over_pixels_of_pixel_joint():
     torch.manual_seed(1)
     K, C, H, W = 3, 3, 2, 3
-    raw = torch.randn(2, D.num_mixture_params(C, K), H, W, dtype=torch.float64)
-    dist = D.mixture_from_decoder_output(raw, C, K)
+    raw = torch.randn(2, M.num_mixture_params(C, K), H, W, dtype=torch.float64)
+    dist = M.mixture_from_decoder_output(raw, C, K)
     x = torch.randint(0, 256, (2, C, H, W)).double() / 255
     per_pixel = []
     for i in range(H):
         for j in range(W):
-            pixel = D.MixtureOfDiscretizedLogistics(dist.logits[..., i:i + 1, j:j + 1], dist.loc[..., i:i + 1, j:j + 1],
+            pixel = M.MixtureOfDiscretizedLogistics(dist.logits[..., i:i + 1, j:j + 1], dist.loc[..., i:i + 1, j:j + 1],
                                                     dist.log_scale[..., i:i + 1, j:j + 1],
                                                     dist.raw_coupling[..., i:i + 1, j:j + 1])
             per_pixel.append(pixel.log_prob(x[..., i:i + 1, j:j + 1]))
@@ -361,7 +362,7 @@ def test_bf16_autocast_gives_the_float32_result():
     the float32 computation on the same (bf16-representable) numbers; gradients are finite."""
     torch.manual_seed(5)
     K, C, H, W = 3, 3, 4, 4
-    layer = torch.nn.Linear(8, D.num_mixture_params(C, K) * H * W)
+    layer = torch.nn.Linear(8, M.num_mixture_params(C, K) * H * W)
     features = torch.randn(2, 8)
     x32 = torch.randint(0, 256, (2, C, H, W)).float() / 255
     x16 = x32.to(torch.bfloat16)
@@ -371,7 +372,7 @@ def test_bf16_autocast_gives_the_float32_result():
         assert raw.dtype == torch.bfloat16
         loc, raw_log_var = raw[:, :C], raw[:, C:2 * C]
         dists = {
-            "mixture": D.mixture_from_decoder_output(raw, C, K),
+            "mixture": M.mixture_from_decoder_output(raw, C, K),
             "logistic": D.discretized_logistic_likelihood(loc, raw_log_var),
             "gaussian": D.discretized_gaussian_likelihood(loc, raw_log_var),
             "continuous": D.gaussian_likelihood(loc, raw_log_var),
@@ -379,7 +380,7 @@ def test_bf16_autocast_gives_the_float32_result():
         log_probs = {name: d.log_prob(x16 if name != "continuous" else x32) for name, d in dists.items()}
     raw32, loc32, raw_log_var32 = raw.float(), loc.float(), raw_log_var.float()
     references = {
-        "mixture": D.mixture_from_decoder_output(raw32, C, K).log_prob(x32),
+        "mixture": M.mixture_from_decoder_output(raw32, C, K).log_prob(x32),
         "logistic": D.discretized_logistic_likelihood(loc32, raw_log_var32).log_prob(x32),
         "gaussian": D.discretized_gaussian_likelihood(loc32, raw_log_var32).log_prob(x32),
         "continuous": D.gaussian_likelihood(loc32, raw_log_var32).log_prob(x32),
@@ -418,7 +419,7 @@ def every_discrete_distribution(validate_args):
         "logistic_factory": D.discretized_logistic_likelihood(loc, log_scale, validate_args=validate_args),
         "gaussian_factory": D.discretized_gaussian_likelihood(loc, log_scale, validate_args=validate_args),
         "bounded_gaussian_discretized": D.BoundedVarianceNormal(loc, log_scale, validate_args=validate_args).discretized(),
-        "rgb_mixture": D.mixture_from_decoder_output(torch.zeros(2, D.num_mixture_params(3, 2), 2, 2), 3, 2,
+        "rgb_mixture": M.mixture_from_decoder_output(torch.zeros(2, M.num_mixture_params(3, 2), 2, 2), 3, 2,
                                                      validate_args=validate_args),
     }
 
@@ -458,9 +459,9 @@ def test_parameter_validation():
     with pytest.raises(ValueError):
         D.DiscretizedLogistic(torch.tensor([float("nan")]), torch.zeros(1), validate_args=True)
     with pytest.raises(ValueError, match="P=30"):
-        D.mixture_from_decoder_output(torch.zeros(1, 29, 2, 2), 3, 3)
+        M.mixture_from_decoder_output(torch.zeros(1, 29, 2, 2), 3, 3)
     with pytest.raises(ValueError, match="raw_coupling"):
-        D.MixtureOfDiscretizedLogistics(torch.zeros(2, 1, 1), torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1))
+        M.MixtureOfDiscretizedLogistics(torch.zeros(2, 1, 1), torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------- bits/dim, log_mean_exp
@@ -469,30 +470,30 @@ def test_parameter_validation():
 def test_bits_per_dim_of_uniform_pmf_is_8():
     num_dims = 3 * 32 * 32
     log_likelihood = num_dims * math.log(1 / 256)  # every sub-pixel uniform over 256 values
-    assert D.bits_per_dim(log_likelihood, num_dims) == 8.0
-    assert torch.equal(D.bits_per_dim(torch.tensor([log_likelihood], dtype=torch.float64), num_dims),
+    assert bits_per_dim(log_likelihood, num_dims) == 8.0
+    assert torch.equal(bits_per_dim(torch.tensor([log_likelihood], dtype=torch.float64), num_dims),
                        torch.tensor([8.0], dtype=torch.float64))
     # a per-sub-pixel log-pmf of -log 256 summed over an image batch, as training sums it
     log_pmf = torch.full((5, 3, 8, 8), -math.log(256.0), dtype=torch.float64)
-    torch.testing.assert_close(D.bits_per_dim(log_pmf.sum((1, 2, 3)), 3 * 8 * 8),
+    torch.testing.assert_close(bits_per_dim(log_pmf.sum((1, 2, 3)), 3 * 8 * 8),
                                torch.full((5,), 8.0, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert D.bits_per_dim(-math.log(2) * 5 * 7, 7) == pytest.approx(5.0, abs=1e-12)
+    assert bits_per_dim(-math.log(2) * 5 * 7, 7) == pytest.approx(5.0, abs=1e-12)
 
 
 def test_log_mean_exp_matches_naive_float64_and_is_stable():
     torch.manual_seed(6)
     log_w = torch.randn(7, 50, dtype=torch.float64) * 3
     naive = torch.log(torch.exp(log_w).mean(0))
-    torch.testing.assert_close(D.log_mean_exp(log_w), naive, rtol=0, atol=1e-12)
-    torch.testing.assert_close(D.log_mean_exp(log_w.T, dim=1), naive, rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_mean_exp(log_w), naive, rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_mean_exp(log_w.T, dim=1), naive, rtol=0, atol=1e-12)
     shifted = log_w - 1e4  # importance weights of a real model: exp underflows to 0
     assert torch.isinf(torch.log(torch.exp(shifted).mean(0))).all()  # the naive form fails here
-    stable = D.log_mean_exp(shifted)
+    stable = log_mean_exp(shifted)
     assert torch.isfinite(stable).all()
     torch.testing.assert_close(stable, naive - 1e4, rtol=0, atol=1e-9)
     # float32 too, and a single sample is the identity
-    torch.testing.assert_close(D.log_mean_exp(shifted.float()), (naive - 1e4).float(), rtol=0, atol=2e-3)
-    torch.testing.assert_close(D.log_mean_exp(shifted[:1]), shifted[0], rtol=0, atol=0)
+    torch.testing.assert_close(log_mean_exp(shifted.float()), (naive - 1e4).float(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(log_mean_exp(shifted[:1]), shifted[0], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- bounded Gaussian
@@ -573,12 +574,12 @@ def test_mixture_mean_exact_for_grey_and_uncoupled_rgb():
 
 
 def test_mixture_layout_and_parameter_count():
-    assert D.num_mixture_params(3, 10) == 100 and D.num_mixture_params(3, 1) == 10
-    assert D.num_mixture_params(1, 10) == 30 and D.num_mixture_params(1, 4) == 12
+    assert M.num_mixture_params(3, 10) == 100 and M.num_mixture_params(3, 1) == 10
+    assert M.num_mixture_params(1, 10) == 30 and M.num_mixture_params(1, 4) == 12
     K, C, H, W = 2, 3, 2, 3
-    P = D.num_mixture_params(C, K)
+    P = M.num_mixture_params(C, K)
     raw = torch.arange(5 * P * H * W, dtype=torch.float64).reshape(5, P, H, W) / 1000
-    dist = D.mixture_from_decoder_output(raw, C, K, min_log_scale=None)
+    dist = M.mixture_from_decoder_output(raw, C, K, min_log_scale=None)
     assert dist.batch_shape == (5,) and dist.event_shape == (C, H, W)
     torch.testing.assert_close(dist.logits, raw[:, :K])
     for k in range(K):
@@ -587,22 +588,22 @@ def test_mixture_layout_and_parameter_count():
             torch.testing.assert_close(dist.log_scale[:, k, c], raw[:, K + K * C + k * C + c])
         for i in range(3):
             torch.testing.assert_close(dist.coupling[:, k, i], torch.tanh(raw[:, K + 2 * K * C + k * 3 + i]))
-    floored = D.mixture_from_decoder_output(raw - 10, C, K)
+    floored = M.mixture_from_decoder_output(raw - 10, C, K)
     assert floored.log_scale.min() == -7.0
 
 
 def test_shapes_sample_expand_and_independent():
     torch.manual_seed(9)
     K, C, H, W = 4, 3, 5, 6
-    dist = D.mixture_from_decoder_output(torch.randn(7, 2, D.num_mixture_params(C, K), H, W), C, K)
+    dist = M.mixture_from_decoder_output(torch.randn(7, 2, M.num_mixture_params(C, K), H, W), C, K)
     assert dist.batch_shape == (7, 2) and dist.event_shape == (C, H, W)
     x = dist.sample((3,))
     assert x.shape == (3, 7, 2, C, H, W) and x.dtype == torch.float32
     assert dist.log_prob(x).shape == (3, 7, 2)
     assert dist.mean.shape == (7, 2, C, H, W)
-    expanded = D.mixture_from_decoder_output(torch.randn(1, D.num_mixture_params(C, K), H, W), C, K).expand((4,))
+    expanded = M.mixture_from_decoder_output(torch.randn(1, M.num_mixture_params(C, K), H, W), C, K).expand((4,))
     assert expanded.batch_shape == (4,) and expanded.sample().shape == (4, C, H, W)
-    grey = D.mixture_from_decoder_output(torch.randn(2, D.num_mixture_params(1, K), H, W), 1, K)
+    grey = M.mixture_from_decoder_output(torch.randn(2, M.num_mixture_params(1, K), H, W), 1, K)
     assert grey.sample().shape == (2, 1, H, W) and grey.log_prob(grey.sample()).shape == (2,)
 
     image = D.discretized_logistic_likelihood(torch.rand(2, C, H, W), torch.full((2, C, H, W), -4.0))
@@ -622,15 +623,28 @@ def test_uncoupled_mixture_is_the_coupled_one_at_zero_coupling_and_a_product_ove
     for K = 1 it factorises into one discretized logistic per channel (closed form: a product of marginals)."""
     torch.manual_seed(0)
     C, K, H, W = 3, 4, 2, 3
-    assert D.num_mixture_params(C, K, rgb_coupling=False) == K * 7 and D.num_mixture_params(1, K, False) == K * 3
-    raw = torch.randn(2, D.num_mixture_params(C, K, rgb_coupling=False), H, W, dtype=torch.float64)
+    assert M.num_mixture_params(C, K, rgb_coupling=False) == K * 7 and M.num_mixture_params(1, K, False) == K * 3
+    raw = torch.randn(2, M.num_mixture_params(C, K, rgb_coupling=False), H, W, dtype=torch.float64)
     x = torch.randint(0, 256, (2, C, H, W)).double() / 255
-    uncoupled = D.mixture_from_decoder_output(raw, C, K, rgb_coupling=False)
-    coupled = D.mixture_from_decoder_output(torch.cat([raw, torch.zeros(2, 3 * K, H, W, dtype=torch.float64)], 1), C, K)
+    uncoupled = M.mixture_from_decoder_output(raw, C, K, rgb_coupling=False)
+    coupled = M.mixture_from_decoder_output(torch.cat([raw, torch.zeros(2, 3 * K, H, W, dtype=torch.float64)], 1), C, K)
     assert torch.equal(uncoupled.log_prob(x), coupled.log_prob(x))
     with pytest.raises(ValueError, match="1 \\+ 2C\\)"):
-        D.mixture_from_decoder_output(raw[:, :-1], C, K, rgb_coupling=False)
-    single = D.mixture_from_decoder_output(raw[:, :7], C, 1, min_log_scale=None, rgb_coupling=False)
+        M.mixture_from_decoder_output(raw[:, :-1], C, K, rgb_coupling=False)
+    single = M.mixture_from_decoder_output(raw[:, :7], C, 1, min_log_scale=None, rgb_coupling=False)
     loc, log_scale = raw[:, 1:4], raw[:, 4:7]
     per_channel = D.discretized_logistic_likelihood(loc, log_scale, min_log_scale=None).log_prob(x)
     torch.testing.assert_close(single.log_prob(x), per_channel, rtol=0, atol=1e-9)
+
+
+def test_the_moved_likelihoods_still_import_from_distributions():
+    """A model script of an earlier commit imports the 8-bit likelihoods from distributions.py (bench.py
+    --baseline-commit runs it beside this tree): the same objects as discretized.py's and mixture.py's."""
+    import distributions
+
+    for module, names in ((D, ("BoundedVarianceNormal", "DiscretizedGaussian", "DiscretizedLogistic",
+                               "gaussian_likelihood", "discretized_gaussian_likelihood",
+                               "discretized_logistic_likelihood")),
+                          (M, ("MixtureOfDiscretizedLogistics", "mixture_from_decoder_output", "num_mixture_params"))):
+        for name in names:
+            assert getattr(distributions, name) is getattr(module, name), name
