@@ -103,13 +103,20 @@ def _eval_bench_note(report: dict, link: str) -> str:
     return _bench_note(report, link) + f"; S={ev['eval_samples']} on {ev['eval_images']} test images per repeat"
 
 
+def _eval_block(benches: list[dict], link_base: Path, shows, empty: str, header: str, row) -> str:
+    """An evaluation table of the reports with a result whose eval phase `shows(eval)` holds for; `empty` without."""
+    benches = [b for b in benches if any(shows(r["eval"]) for r in b["results"])]
+    if not benches:
+        return empty
+    return _bench_table(benches, link_base, header, row, _eval_bench_note)
+
+
 def eval_bench_block(benches: list[dict], link_base: Path) -> str:
     """The evaluation speed of every rung, before and after the CPU evaluation defaults changed (bench.py's
     previous_cpu_defaults variant), from the reports that have it."""
-    benches = [b for b in benches if any("previous_cpu_defaults" in r["eval"] for r in b["results"])]
-    if not benches:
-        return "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._"
-    return _bench_table(benches, link_base, EVAL_BENCH_HEADER, _evaluation_row, _eval_bench_note)
+    return _eval_block(benches, link_base, lambda ev: "previous_cpu_defaults" in ev,
+                       "_No evaluation benchmark yet: `python bench.py --device cpu --phases eval --models ...`._",
+                       EVAL_BENCH_HEADER, _evaluation_row)
 
 
 CODE_BENCH_HEADER = ("| device | model | threads | settings | samples/s: script at commit -> ours | speed-up | "
@@ -135,10 +142,9 @@ def _code_row(r: dict) -> list[str] | None:
 def code_bench_block(benches: list[dict], link_base: Path) -> str:
     """A rung's evaluation speed against its own script at an earlier commit (bench.py --baseline-commit), from the
     reports that have it."""
-    benches = [b for b in benches if any("baseline" in r["eval"] for r in b["results"])]
-    if not benches:
-        return "_No such benchmark yet: `python bench.py --phases eval --baseline-commit REV ...`._"
-    return _bench_table(benches, link_base, CODE_BENCH_HEADER, _code_row, _eval_bench_note)
+    return _eval_block(benches, link_base, lambda ev: "baseline" in ev,
+                       "_No such benchmark yet: `python bench.py --phases eval --baseline-commit REV ...`._",
+                       CODE_BENCH_HEADER, _code_row)
 
 
 CHUNK_BENCH_HEADER = ("| device | model | data set | threads | settings | latents per pass: samples/s | fastest | "
@@ -162,7 +168,6 @@ def _chunk_row(r: dict) -> list[str] | None:
 
 def chunk_bench_block(benches: list[dict], link_base: Path) -> str:
     """A rung's evaluation at several pass sizes (bench.py --eval-chunks), from the reports that have them."""
-    benches = [b for b in benches if any(k.startswith("speedup_chunk_") for r in b["results"] for k in r["eval"])]
-    if not benches:
-        return "_No such benchmark yet: `python bench.py --phases eval --eval-chunks N ...`._"
-    return _bench_table(benches, link_base, CHUNK_BENCH_HEADER, _chunk_row, _eval_bench_note)
+    return _eval_block(benches, link_base, lambda ev: any(k.startswith("speedup_chunk_") for k in ev),
+                       "_No such benchmark yet: `python bench.py --phases eval --eval-chunks N ...`._",
+                       CHUNK_BENCH_HEADER, _chunk_row)
