@@ -25,6 +25,7 @@ float32 (its checkpoint's precision_history and result.json's train_precision_hi
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,8 @@ def job_status(job: Job) -> dict:
                               f"{published['n_test']} images by another run"
                               f"{' with per-image values' if job.needs_per_image else ''} ({job.published_result}, "
                               f"{published.get('device')}){partial}"}
+    if job.continues and not (out / "ckpt.pt").exists() and job_status(_job(job.continues))["state"] == "training":
+        return {**status, "state": "waiting", "detail": f"for its pilot {job.continues}, whose state it continues"}
     checkpoint = job.args[job.args.index("--checkpoint") + 1] if "--checkpoint" in job.args else None
     if checkpoint and not (REPO_ROOT / checkpoint).exists():  # a re-score of a row its training job has not published
         return {**status, "state": "waiting", "detail": f"for {checkpoint}, which its training job publishes"}
@@ -99,6 +102,35 @@ def job_status(job: Job) -> dict:
     if details:
         status["detail"] = "; ".join(details)
     return status
+
+
+def _job(name: str) -> Job:
+    return next(job for job in JOBS if job.name == name)
+
+
+# what a job takes over from the pilot it continues: the resume state, the best weights so far and the log
+CONTINUED_FILES = ("ckpt.pt", "best.pt", "log.jsonl")
+
+
+def continue_pilots() -> list[str]:
+    """Start every job that `continues` a finished pilot from the pilot's state: copy CONTINUED_FILES into the job's
+    out-dir, so its first segment resumes at the pilot's last step (its config is the pilot's but for run control,
+    which the resume checks). Only for a job that has not started, and a pilot that kept its files (a pilot's
+    best.pt is not committed: on another machine the job starts afresh). -> what was done, a line per job."""
+    done = []
+    for job in JOBS:
+        if not job.continues:
+            continue
+        pilot, out = _job(job.continues), REPO_ROOT / job.out_dir
+        source = REPO_ROOT / pilot.out_dir
+        if (job_status(pilot)["state"] != "finished" or any((out / name).exists() for name in CONTINUED_FILES)
+                or (out / "result.json").exists() or not all((source / name).exists() for name in CONTINUED_FILES)):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        for name in CONTINUED_FILES:
+            shutil.copy2(source / name, out / name)
+        done.append(f"{job.name}: continues {pilot.name} from its step {_torch_load(out / 'ckpt.pt')['step']:,}")
+    return done
 
 
 def _log_rows(out: Path) -> list[dict]:
@@ -456,6 +488,10 @@ class Lanes:
             if code == 0:
                 self.finished.append(job.name)
                 print(f"[lane {index}] {job.name}: finished" + ("" if job.pilot else " and published"), flush=True)
+                if job.pilot:
+                    with self.lock:  # (before a lane takes the job that continues it)
+                        for line in continue_pilots():
+                            print(f"[lane {index}] {line}", flush=True)
             elif code == EXIT_SEGMENT_END or (self.stopping and code in (128 + signal.SIGINT, 128 + signal.SIGTERM)):
                 how = "segment ended" if code == EXIT_SEGMENT_END else "stopped by a signal"
                 print(f"[lane {index}] {job.name}: {how}, state saved in {job.out_dir}", flush=True)
@@ -511,6 +547,8 @@ def main(argv=None) -> int:
     run.add_argument("--log-dir", default="runs/campaign_logs", help="where each job's output goes (default runs/campaign_logs)")
     run.add_argument("--note", default="", help="a note for this run's records in history.jsonl (the record names the machine itself)")
     sub.add_parser("history", help="print every segment record of campaign/history.jsonl")
+    sub.add_parser("continue-pilots", help="start each job that continues a finished pilot from the pilot's state "
+                                           "(`run` does it when a pilot finishes)")
     pilots = sub.add_parser("pilots", help="the pilots' best validation bounds at equal training time (markdown)")
     pilots.add_argument("--write", action="store_true",
                         help=f"write it to {CAMPAIGN_DIR}/{PILOT_TABLE} instead of printing, with each group's curves "
@@ -527,6 +565,9 @@ def main(argv=None) -> int:
         return 0
     if args.action == "history":
         print_history()
+        return 0
+    if args.action == "continue-pilots":
+        print("\n".join(continue_pilots()) or "no job to start from a pilot's state")
         return 0
     if args.action == "pilots":
         table = pilot_table(draw=args.write)

@@ -25,6 +25,9 @@ class Job:
     needs_per_image: bool = False
     # a pilot: a short training run that only validates (--no-test) and is never published; `pilots` compares them
     pilot: bool = False
+    # the pilot whose run this job is (the same config but for run control: the pilot is its first hour): once the
+    # pilot finishes, the job starts from the pilot's state instead of repeating that hour (campaign.continue_pilots)
+    continues: str | None = None
 
     @property
     def out_dir(self) -> str:
@@ -67,8 +70,9 @@ PILOT_MINUTES = 60  # training time of every pilot (its validations included): c
 
 def pilot(group: str, variant: str, script: str, args: list[str], why: str) -> Job:
     """One candidate of a recipe: `args` is the long run's command line; the pilot trains it for PILOT_MINUTES of one
-    core, validating as it goes, and never touches the test set. The chosen recipe's campaign job starts afresh from
-    the same seed (its first hour repeats its pilot)."""
+    core, validating as it goes, and never touches the test set. A campaign job whose config is the pilot's but for
+    run control (its test flags) names it in `continues` and starts from the pilot's state; otherwise the chosen
+    recipe's job starts afresh from the same seed (its first hour repeats its pilot)."""
     return Job(f"pilot_{group}_{variant}", script, [*args, "--max-train-minutes", str(PILOT_MINUTES), "--no-test"],
                why, pilot=True)
 
@@ -142,9 +146,10 @@ COLOUR_JOBS = [
     Job("model02_cifar10-jpeg_iwae_k1_seed0", "model02.py", [*_CIFAR, *_CIFAR_TEST],
         "the ladder in colour, rung 2: Gaussian p(x|z) with the tanh-bounded log-variance"),
     Job("model03_cifar10-jpeg_iwae_k1_seed0", "model03.py", [*_CIFAR, *_CIFAR_TEST],
-        "rung 3: discretized logistic p(x|z) with the bounded scale"),
+        "rung 3: discretized logistic p(x|z) with the bounded scale", continues="pilot_cifar_m03-w32"),
     Job("model04_cifar10-jpeg_vae_k1_L6_w32_seed0", "model04.py", _M04_CIFAR,
-        "rung 4 and the ablation's full row: 6 stochastic layers, MoDL K=10 with RGB coupling"),
+        "rung 4 and the ablation's full row: 6 stochastic layers, MoDL K=10 with RGB coupling",
+        continues="pilot_cifar_m04-w32"),
     Job("model04_cifar10-jpeg_vae_k1_L1of6_w32_seed0", "model04.py", [*_M04_CIFAR, *_ONE_LAYER],
         "ablation (c) several stochastic layers: the same network and p(x|z) with one stochastic layer"),
     Job("model04_cifar10-jpeg_vae_k1_L6_w32_nocoupling_seed0", "model04.py", [*_M04_CIFAR, *_NO_COUPLING],
@@ -156,7 +161,8 @@ COLOUR_JOBS = [
     Job("model04_cifar10-jpeg_vae_k1_L1of6_w32_K1_nocoupling_seed0", "model04.py",
         [*_M04_CIFAR, *_ONE_LAYER, *_LOGISTIC], "ablation: one stochastic layer, one discretized logistic"),
     Job("model04_cifar10-jpeg_vae_k1_L6_seed0", "model04.py", [*_CIFAR, *_CIFAR_TEST, "--width", "64"],
-        "ablation (a) a bigger network: the full row at twice the width (about three times the cost per step)"),
+        "ablation (a) a bigger network: the full row at twice the width (about three times the cost per step)",
+        continues="pilot_cifar_m04-w64"),
     Job("model02_cifar10-jpeg_iwae_k1_unbounded_seed0", "model02.py", [*_CIFAR, *_CIFAR_TEST, "--no-variance-bound"],
         "rung 2 without the variance bound: the samples that break"),
     Job("model03_cifar10-jpeg_iwae_k1_unbounded_seed0", "model03.py", [*_CIFAR, *_CIFAR_TEST, "--no-variance-bound"],

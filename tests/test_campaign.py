@@ -1,4 +1,5 @@
 """campaign.py: every job is a valid command of its script, and `status` reads what segmented runs leave behind."""
+import dataclasses
 import importlib
 import json
 import os
@@ -149,7 +150,8 @@ def test_run_continues_a_job_across_invocations_and_publishes_it(monkeypatch, da
     `campaign.py run` whose segment ends at once (VAE_INJECT_SEGMENT_END) leaves the job training; a second one
     finishes it."""
     for name in ("model01.py", "training.py", "config.py", "runtime.py", "run_files.py", "evaluation.py",
-                 "publishing.py", "data.py", "image_folder.py", "distributions.py", "layers.py", "compare.py"):
+                 "publishing.py", "data.py", "image_folder.py", "distributions.py", "discretized.py", "mixture.py",
+                 "layers.py", "compare.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     small = [a for a in SEGMENTED[:SEGMENTED.index("--segment-minutes")] if a != "--device" and a != "cpu"]
     model01 = importlib.import_module("model01")
@@ -397,6 +399,61 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     drawn = campaign.pilot_table(draw=True)  # `pilots --write`: the group's curves, shown under its table
     assert "![validation bound of the g pilots against minutes and steps](pilots_g.png)" in drawn
     assert (tmp_path / "pilots_g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _config_of(job):
+    module = importlib.import_module(job.script[:-3])
+    return module.RUNG.config_class.from_dict(vars(module.build_parser().parse_args(job.command(None, None)[2:])))
+
+
+@pytest.mark.parametrize("job", [j for j in campaign.JOBS if j.continues], ids=lambda job: job.name)
+def test_a_job_continues_only_a_pilot_of_its_own_config(job):
+    """A job that starts from a pilot's state has the pilot's config but for run control (the resume allows no
+    other difference), and comes after the pilot in the queue."""
+    pilot = campaign._job(job.continues)
+    assert pilot.pilot and campaign.JOBS.index(pilot) < campaign.JOBS.index(job)
+    assert config.config_differences(dataclasses.asdict(_config_of(pilot)), dataclasses.asdict(_config_of(job)),
+                                     config.RUN_CONTROL_KEYS) == []
+
+
+def test_a_job_starts_from_its_finished_pilots_state_and_continues_it(monkeypatch, data_dir, tmp_path):
+    """continue_pilots copies a finished pilot's ckpt.pt, best.pt and log.jsonl into the job's out-dir (and does
+    nothing more once the job has them); the job's command then resumes at the pilot's last step and finishes. While
+    the pilot is still training the job waits for it."""
+    common = ["--dataset", "binarized-mnist", "--val-every", "20", "--val-samples", "2", "--log-every", "10",
+              "--checkpoint-every", "20", "--max-steps", "40"]
+    pilot = campaign.pilot("g", "tiny", "model01.py", common, "a tiny pilot")
+    # (the job trains 20 steps longer than its pilot, to show that it goes on from the pilot's last step)
+    job = campaign_jobs.Job("model01_tiny", "model01.py", [*common, "--max-steps", "60", "--n-test", "20",
+                                                           "--eval-samples", "3"], "the pilot's run, tested",
+                            continues=pilot.name)
+    monkeypatch.setattr(campaign, "JOBS", [pilot, job])
+    monkeypatch.setattr(campaign, "REPO_ROOT", tmp_path)
+    assert campaign.job_status(job)["state"] == "not started"  # the pilot has not started: the job would start afresh
+    real = campaign.job_status
+    monkeypatch.setattr(campaign, "job_status", lambda j: {"job": j.name, "state": "training"} if j is pilot else real(j))
+    status = campaign.job_status(job)  # the pilot is training: the job waits for its state
+    assert status["state"] == "waiting" and pilot.name in status["detail"]
+    monkeypatch.setattr(campaign, "job_status", real)
+    cmd = pilot.command(None, str(data_dir))
+    (tmp_path / "campaign").mkdir()
+    proc = run_script("model01.py", *[str(tmp_path / a) if a == pilot.out_dir else a for a in cmd[2:]])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pilot_dir = tmp_path / pilot.out_dir
+    assert campaign.job_status(pilot)["state"] == "finished" and (pilot_dir / "best.pt").exists()
+    (pilot_dir / "done.keep").write_text("")  # (nothing but CONTINUED_FILES is taken over)
+    assert campaign.continue_pilots() == [f"model01_tiny: continues {pilot.name} from its step 40"]
+    job_dir = tmp_path / job.out_dir
+    assert sorted(p.name for p in job_dir.iterdir()) == sorted(campaign.CONTINUED_FILES)
+    assert campaign.job_status(job)["detail"].startswith("step 40/40")  # the pilot's state (and its step count)
+    assert campaign.continue_pilots() == []  # once
+    cmd = [a for a in job.command(None, str(data_dir)) if a != "--publish"]
+    proc = run_script("model01.py", *[str(tmp_path / a) if a == job.out_dir else a for a in cmd[2:]])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((job_dir / "result.json").read_text())
+    assert result["steps"] == 60 and result["n_test"] == 20 and result["eval_samples"] == 3
+    rows = [json.loads(line) for line in (job_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "val"] == [20, 40, 60]  # the pilot's two, then the job's
 
 
 def test_a_rescore_waits_for_the_checkpoint_its_training_job_publishes(monkeypatch, tmp_path):
