@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import compare
+import results_tables
 from conftest import ROOT, run_script
 
 
@@ -156,7 +157,7 @@ def test_bad_inputs_are_clear_errors(published, tmp_path, capsys):
         readme.write_text(text)
         code, out = _compare(capsys, "--check", "--readme", readme, "--results-dir", results)
         assert code == 2 and message in out, (text, out)
-    readme.write_text("<!-- results:start -->\n" + compare.NO_RESULTS + "\n<!-- results:end -->\n"
+    readme.write_text("<!-- results:start -->\n" + results_tables.NO_RESULTS + "\n<!-- results:end -->\n"
                       "![a figure](assets/never_published.png)\n")
     code, out = _compare(capsys, "--check", "--readme", readme, "--results-dir", results)
     assert code == 1 and "assets/never_published.png" in out
@@ -305,10 +306,10 @@ def test_chunk_bench_block_shows_each_pass_size_and_the_fastest(tmp_path, capsys
 def test_a_rescored_row_lists_the_number_it_replaced_after_its_command():
     row = {"run_name": "m_run", "command": "python m.py --eval-only --eval-samples 5000",
            "previous_results": [{"eval_samples": 100, "n_test": 10000, "test_ll_nats": -1950.2, "command": "python m.py"}]}
-    assert compare._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
+    assert results_tables._earlier_commands(row) == "; before it, L_100 = -1950.20 nats on 10,000 images from `python m.py`"
     row["previous_results"].append({"eval_samples": 5000, "n_test": 10000, "test_ll_nats": -1937.6, "command": "x"})
-    assert compare._earlier_commands(row).endswith("`python m.py`; before it, L_5000 = -1937.60 nats on 10,000 images")
-    assert compare._earlier_commands({"run_name": "x", "command": "y"}) == ""
+    assert results_tables._earlier_commands(row).endswith("`python m.py`; before it, L_5000 = -1937.60 nats on 10,000 images")
+    assert results_tables._earlier_commands({"run_name": "x", "command": "y"}) == ""
 
 
 def _publish_twin(results, result, name, values):
