@@ -2,7 +2,7 @@
 
 Speed itself is only measured by bench.py (no timing assertions here). What is checked: the report's
 structure and internal consistency, that the naive reference computes the same model as ours, and
-that training.train_step never reads a device value on the host (counted by bench.HostSyncCounter,
+that training.train_step never reads a device value on the host (counted by measure.HostSyncCounter,
 which works on CPU too), while the counter does catch such reads.
 """
 import dataclasses
@@ -16,6 +16,7 @@ import torch
 
 import bench
 import data as data_lib
+import measure
 import training
 from conftest import run_script
 
@@ -45,7 +46,7 @@ def no_validation():
 
 def test_counter_catches_host_reads():
     t = torch.ones(3)
-    counter = bench.HostSyncCounter()
+    counter = measure.HostSyncCounter()
     with counter:
         t.sum().item()
         bool((t > 0).all())
@@ -70,7 +71,7 @@ def test_train_step_reads_nothing_on_the_host(no_validation):
                                 ema=(ema_model, model), poison=step == 3)
 
     steps(0, 2)  # optimizer state exists from here on
-    syncs = bench.count_host_syncs(lambda: steps(2, 3))  # crosses an epoch boundary (2 batches per epoch)
+    syncs = measure.count_host_syncs(lambda: steps(2, 3))  # crosses an epoch boundary (2 batches per epoch)
     assert syncs["total"] == 0, syncs
     assert meters.skipped.item() == 1 and meters.taken.item() == 4  # the poisoned step was skipped on the device
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, params))
@@ -83,7 +84,7 @@ def test_distribution_validation_would_sync():
     before = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(True)
     try:
-        syncs = bench.count_host_syncs(lambda: model(x, 2))
+        syncs = measure.count_host_syncs(lambda: model(x, 2))
     finally:
         torch.distributions.Distribution.set_default_validate_args(before)
     assert syncs["total"] > 0
