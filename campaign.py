@@ -63,6 +63,15 @@ def job_status(job: Job) -> dict:
                 "detail": f"pilot: step {done[-1]['step']:,} after {done[-1]['train_time_s'] / 60:.0f} min of training, "
                           f"best validation bound {done[-1]['best_val_bound_nats']:.2f} nats at step "
                           f"{done[-1]['best_step']:,} (no test set)"}
+    if job.pilot and not (out / "ckpt.pt").exists() and _pilot_validations(_log_rows(out)):
+        # a pilot whose resume state was not kept (too large to commit, or lost with its machine) cannot go on: it
+        # ended where it stopped, and the table shows the minutes it reached
+        vals = _pilot_validations(_log_rows(out))
+        best = max(vals, key=lambda v: v["val_bound_nats"])
+        return {**status, "state": "finished",
+                "detail": f"pilot stopped at step {vals[-1]['step']:,} after {vals[-1]['train_time_s'] / 60:.0f} min "
+                          f"of training, its resume state not kept: best validation bound "
+                          f"{best['val_bound_nats']:.2f} nats at step {best['step']:,} (no test set)"}
     if (out / "result.json").exists():
         result = json.loads((out / "result.json").read_text())
         bpd = f", {result['test_bpd']:.4f} bits/dim" if result.get("test_bpd") is not None else ""
@@ -298,9 +307,9 @@ def pilot_row(job: Job, common_step: int | None = None) -> list[str] | None:
 
 
 def draw_pilot_curves(group: str, jobs: list[Job]) -> str | None:
-    """campaign/pilots_<group>.png: every candidate's validation bound against minutes of training (the pilots'
-    budget, the table's columns) and against steps (the common-step column); the file name, or None before any
-    candidate of the group validated. Drawn with `pilots --write`."""
+    """assets/pilots_<group>.png: every candidate's validation bound against minutes of training (the pilots'
+    budget, the table's columns) and against steps (the common-step column); its path relative to campaign/ (where
+    pilots.md links it), or None before any candidate of the group validated. Drawn with `pilots --write`."""
     curves = {job.name.split("_", 2)[2]: vals for job in jobs
               for vals in [_pilot_validations(_log_rows(REPO_ROOT / job.out_dir))] if vals}
     if not curves:
@@ -330,9 +339,9 @@ def draw_pilot_curves(group: str, jobs: list[Job]) -> str | None:
     axes[1].legend(loc="lower right", fontsize=7)
     fig.suptitle(f"pilots {group}: validation bound, from each candidate's log.jsonl")
     fig.tight_layout()
-    name = f"pilots_{group}.png"
-    save_figure(fig, REPO_ROOT / CAMPAIGN_DIR / name, f"{len(curves)} candidates")
-    return name
+    target = REPO_ROOT / "assets" / f"pilots_{group}.png"  # (with the README's other figures)
+    save_figure(fig, target, f"{len(curves)} candidates")
+    return Path(os.path.relpath(target, REPO_ROOT / CAMPAIGN_DIR)).as_posix()
 
 
 def pilot_table(draw: bool = False) -> str:
@@ -552,7 +561,7 @@ def main(argv=None) -> int:
     pilots = sub.add_parser("pilots", help="the pilots' best validation bounds at equal training time (markdown)")
     pilots.add_argument("--write", action="store_true",
                         help=f"write it to {CAMPAIGN_DIR}/{PILOT_TABLE} instead of printing, with each group's curves "
-                             f"({CAMPAIGN_DIR}/pilots_<group>.png)")
+                             f"(assets/pilots_<group>.png)")
     curves = sub.add_parser("curves", help="every training job's best validation bound by epoch, side by side")
     curves.add_argument("--every", type=float, default=100, help="epochs between rows (default 100)")
     command = sub.add_parser("command", help="print one job's command line")

@@ -395,10 +395,15 @@ def test_a_pilot_validates_only_and_its_table_compares_at_equal_training_time(mo
     assert f"| tiny | 40 | " in table and f"{best:.2f}" in table  # within 15 minutes of training: every column
     row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
     assert row.endswith(f"| {best:.2f} |") and "The common step: 40." in table  # by its last validation, step 40
-    assert "pilots_g.png" not in table and not (tmp_path / "pilots_g.png").exists()  # printing draws nothing
-    drawn = campaign.pilot_table(draw=True)  # `pilots --write`: the group's curves, shown under its table
-    assert "![validation bound of the g pilots against minutes and steps](pilots_g.png)" in drawn
-    assert (tmp_path / "pilots_g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stopped = [r for r in rows if r["type"] != "done"]  # a pilot stopped before its end, its resume state not kept
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stopped))
+    (out / "ckpt.pt").unlink(missing_ok=True)
+    status = campaign.job_status(job)
+    assert status["state"] == "finished" and status["detail"].startswith("pilot stopped at step 40 after")
+    assert "pilots_g.png" not in table and not (tmp_path / "assets" / "pilots_g.png").exists()  # printing draws nothing
+    drawn = campaign.pilot_table(draw=True)  # `pilots --write`: the group's curves in assets/, under its table
+    assert "![validation bound of the g pilots against minutes and steps](assets/pilots_g.png)" in drawn
+    assert (tmp_path / "assets" / "pilots_g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _config_of(job):
