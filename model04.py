@@ -462,8 +462,9 @@ def quick_overrides(cfg: Config) -> dict:
 def cpu_eval_chunk(cfg: Config) -> int:
     """Latents per evaluation pass on a CPU (when --eval-chunk is 0), the fastest measured on 1 thread: the more
     p(x|z) parameters per pixel, the smaller the pass that keeps them in the caches. 128 for the Bernoulli's one
-    logit; 64 for one discretized logistic per channel (7 per RGB pixel); 32 for the mixture of K=10 (70 or 100 per
-    pixel: 1.2x the speed of 128 on 32x32 RGB, results/bench_cpu_eval_model04_cifar.json)."""
+    logit; 64 for one discretized logistic per channel (7 per RGB pixel; level with 128, ahead of 32); 32 for the
+    mixture of K=10 (70 or 100 per pixel; faster than 128, level with 64). Measured on 32x32 RGB:
+    results/bench_cpu_eval_model04_cifar*.json, the bench-chunks table of docs/speed.md."""
     if (cfg.likelihood or default_likelihood(cfg.dataset)) == "bernoulli":
         return 128
     return 64 if cfg.mixture_components == 1 else 32
