@@ -57,16 +57,17 @@ def job_status(job: Job) -> dict:
     """What the job's out-dir says: finished (result), training progress (ckpt.pt) and test progress (test_eval.pt)."""
     out = REPO_ROOT / job.out_dir
     status = {"job": job.name, "state": "not started"}
-    done = [r for r in _log_rows(out) if r.get("type") == "done"] if job.pilot else []
+    rows = _log_rows(out) if job.pilot else []
+    done = [r for r in rows if r.get("type") == "done"]
     if done:
         return {**status, "state": "finished",
                 "detail": f"pilot: step {done[-1]['step']:,} after {done[-1]['train_time_s'] / 60:.0f} min of training, "
                           f"best validation bound {done[-1]['best_val_bound_nats']:.2f} nats at step "
                           f"{done[-1]['best_step']:,} (no test set)"}
-    if job.pilot and not (out / "ckpt.pt").exists() and _pilot_validations(_log_rows(out)):
+    vals = _pilot_validations(rows)
+    if vals and not (out / "ckpt.pt").exists():
         # a pilot whose resume state was not kept (too large to commit, or lost with its machine) cannot go on: it
         # ended where it stopped, and the table shows the minutes it reached
-        vals = _pilot_validations(_log_rows(out))
         best = max(vals, key=lambda v: v["val_bound_nats"])
         return {**status, "state": "finished",
                 "detail": f"pilot stopped at step {vals[-1]['step']:,} after {vals[-1]['train_time_s'] / 60:.0f} min "
@@ -592,8 +593,7 @@ def main(argv=None) -> int:
         print_curves(args.every)
         return 0
     if args.action == "command":
-        job = next(j for j in JOBS if j.name == args.job)
-        print(" ".join(job.command(args.minutes, args.data_dir)))
+        print(" ".join(_job(args.job).command(args.minutes, args.data_dir)))
         return 0
     if args.minutes <= 0 or args.lanes < 1 or args.threads < 1:
         parser.error("--minutes must be > 0, --lanes >= 1 and --threads >= 1")

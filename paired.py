@@ -231,15 +231,15 @@ def ladder_block(results: list[dict], dataset: str, link_base: Path) -> str:
         bpd_per_nat = higher["test_bpd"] / -higher["test_ll_nats"]  # 1 / (dims * ln 2), the same for both rows
         lower_bpd = -float(load_per_image(lower)[:n].mean()) * bpd_per_nat
         higher_bpd = -float(load_per_image(higher)[:n].mean()) * bpd_per_nat
-        change, se = higher_bpd - lower_bpd, p["paired_stderr"] * bpd_per_nat
+        # bits/dim = -L / (dims ln 2), so bits/dim(higher) - bits/dim(lower) = (L(lower) - L(higher)) / (dims ln 2)
+        change, se = p["diff_nats"] * bpd_per_nat, p["paired_stderr"] * bpd_per_nat
         verdict = ("lower (by more than 2 paired SE)" if change < -2 * se else
                    "higher (by more than 2 paired SE)" if change > 2 * se else "no measurable difference")
-        first = "" if n == lower["n_test"] == higher["n_test"] else "first "
         lines.append("| " + " | ".join([
             f"{lower['model']} -> {higher['model']}",
             f"[{lower_name}]({relative_link(lower['_path'], link_base)})", f"{lower_bpd:.4f}",
             f"[{higher_name}]({relative_link(higher['_path'], link_base)})", f"{higher_bpd:.4f}",
-            f"{change:+.4f}", f"{se:.4f}", f"{first}{n:,}, {lower['eval_samples']:,}", verdict]) + " |")
+            f"{change:+.4f}", f"{se:.4f}", paired_cells(p)[-1], verdict]) + " |")
     if len(lines) == 2:
         return (f"_The ladder on {dataset} ({', '.join(f'`{n}`' for n in names)}) fills in as its rows are published "
                 f"with per-image values._")

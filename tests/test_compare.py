@@ -252,9 +252,17 @@ def test_eval_bench_block_shows_before_and_after_and_skips_training_only_reports
     assert _compare(capsys, "--check", *paths)[0] == 1
 
 
-def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, capsys):
+def _bench_readme(tmp_path, report: dict, name: str, kind: str):
+    """results/<name> holding `report` and a README with one empty <!-- kind --> block -> (results, readme, paths)."""
     results = tmp_path / "results"
-    results.mkdir()
+    results.mkdir(exist_ok=True)
+    (results / name).write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- {kind}:start -->\ny\n<!-- {kind}:end -->\n")
+    return results, readme, ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+
+
+def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, capsys):
     evaluation = {"ours": {"samples_per_s": 1100.0}, "naive": {"samples_per_s": 200.0}, "speedup": 5.5,
                   "baseline": {"samples_per_s": 1000.0, "commit": "773431f", "same_per_image_values": True},
                   "speedup_vs_baseline": 1.1, "hours_for_test_l5000": 12.626, "eval_samples": 5000, "eval_images": 2}
@@ -262,10 +270,7 @@ def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, ca
               "device": "CPU (test)", "results": [{"model": "model04", "threads": 1, "batch_size": 100,
                                                    "importance_samples": 5, "config_overrides": {"width": 32},
                                                    "train": {}, "eval": evaluation}]}
-    (results / "bench_cpu_eval_model04.json").write_text(json.dumps(report))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-code:start -->\ny\n<!-- bench-code:end -->\n")
-    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    results, readme, paths = _bench_readme(tmp_path, report, "bench_cpu_eval_model04.json", "bench-code")
     assert _compare(capsys, "--update-readme", *paths)[0] == 0
     text = readme.read_text()
     assert ("| [CPU (test)](results/bench_cpu_eval_model04.json) | model04 | 1 | `width=32` | 1000 (773431f) -> 1100 "
@@ -276,8 +281,6 @@ def test_code_bench_block_shows_the_script_at_a_commit_against_ours(tmp_path, ca
 
 
 def test_chunk_bench_block_shows_each_pass_size_and_the_fastest(tmp_path, capsys):
-    results = tmp_path / "results"
-    results.mkdir()
     evaluation = {"ours": {"samples_per_s": 300.0, "chunk_latents": 32}, "naive": {"samples_per_s": 100.0},
                   "chunk_64": {"samples_per_s": 360.0, "chunk_latents": 64},
                   "chunk_128": {"samples_per_s": 250.0, "chunk_latents": 128}, "chunk_latents": 32, "speedup": 3.0,
@@ -288,10 +291,7 @@ def test_chunk_bench_block_shows_each_pass_size_and_the_fastest(tmp_path, capsys
                                                    "batch_size": 100, "importance_samples": 5,
                                                    "config_overrides": {"width": 32}, "train": {},
                                                    "eval": evaluation}]}
-    (results / "bench_cpu_eval_model04_cifar.json").write_text(json.dumps(report))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-chunks:start -->\ny\n<!-- bench-chunks:end -->\n")
-    paths = ["--readme", readme, "--results-dir", results, "--assets-dir", tmp_path / "assets"]
+    results, readme, paths = _bench_readme(tmp_path, report, "bench_cpu_eval_model04_cifar.json", "bench-chunks")
     assert _compare(capsys, "--update-readme", *paths)[0] == 0
     text = readme.read_text()
     assert ("| [CPU (test)](results/bench_cpu_eval_model04_cifar.json) | model04 | cifar10-jpeg | 1 | `width=32` | "
